@@ -1,0 +1,129 @@
+"""Shared harness for `pytest benchmarks --benchmark-only`.
+
+Every benchmark goes through the `bench` fixture:
+
+    def test_pack(bench, provider):
+        bench(fn, group="pack B=32 N=1152 D=768 r=0.25", provider=provider, B=32, ...)
+
+* `fn` is timed with a device synchronisation inside the timed callable (CUDA), so GPU work is
+  never under-counted; inputs are created by the benchmark, never all zeros.
+* Each record carries provenance (device, torch/triton versions, git SHA, date) and the
+  keyword arguments (shapes, dtype) in `extra_info`, so `--benchmark-json` is self-describing.
+* At the end of the session a table prints, per group, every provider's median and its
+  speed ratio against the `ref` provider of the same group (ref / provider), plus peak memory
+  where measured. The same table is written to `benchmarks/last_run.json`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_RESULTS: list[dict] = []
+ON_GPU = torch.cuda.is_available()
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def _provenance() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    device = torch.cuda.get_device_name() if ON_GPU else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": device, "torch": torch.__version__, "triton": triton_version,
+            "git_sha": _git_sha(), "date": datetime.date.today().isoformat()}
+
+
+PROVENANCE = _provenance()
+
+
+def _sync():
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def _peak_memory(fn) -> int | None:
+    """Peak bytes allocated by one call (CUDA only: CPU allocators do not report it)."""
+    if not ON_GPU:
+        return None
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    _sync()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.fixture
+def bench(benchmark):
+    def run(fn, *, group: str, provider: str, rounds: int | None = None, warmup: int = 2, **info):
+        def timed():
+            out = fn()
+            _sync()
+            return out
+
+        for _ in range(warmup):
+            timed()
+        peak = _peak_memory(fn)
+        benchmark.group = group
+        benchmark.extra_info.update(PROVENANCE)
+        benchmark.extra_info.update({"provider": provider, "peak_bytes": peak, **info})
+        if rounds is None:
+            # about one second of timing per case on CPU, 50+ rounds on GPU
+            t0 = time.perf_counter()
+            timed()
+            dt = max(time.perf_counter() - t0, 1e-6)
+            rounds = int(min(max(1.0 / dt, 3), 200))
+        benchmark.pedantic(timed, rounds=rounds, iterations=1)
+        stats = benchmark.stats.stats
+        _RESULTS.append({"group": group, "provider": provider, "median_s": stats.median,
+                         "min_s": stats.min, "rounds": rounds, "peak_bytes": peak, **info})
+        return stats.median
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    groups: dict[str, list[dict]] = {}
+    for r in _RESULTS:
+        groups.setdefault(r["group"], []).append(r)
+    tr = terminalreporter
+    tr.section(f"olmoearth_fast vs reference ({PROVENANCE['device']}, torch {PROVENANCE['torch']}, "
+               f"triton {PROVENANCE['triton']}, {PROVENANCE['git_sha']})")
+    table = []
+    for group, rows in groups.items():
+        ref = next((r for r in rows if r["provider"] == "ref"), None)
+        tr.write_line(group)
+        for r in rows:
+            ratio = ref["median_s"] / r["median_s"] if ref else None
+            r["speedup_vs_ref"] = ratio
+            mem = "" if r["peak_bytes"] is None else f"  peak {r['peak_bytes'] / 2**20:9.1f} MiB"
+            if ref and ref["peak_bytes"] and r["peak_bytes"]:
+                mem += f" ({ref['peak_bytes'] / max(r['peak_bytes'], 1):.1f}x less)"
+            tr.write_line(f"  {r['provider']:<14} {r['median_s'] * 1e3:10.3f} ms"
+                          + (f"  {ratio:6.2f}x vs ref" if ratio else "") + mem)
+            table.append(r)
+    out = os.path.join(os.path.dirname(__file__), "last_run.json")
+    with open(out, "w") as f:
+        json.dump({"provenance": PROVENANCE, "results": table}, f, indent=1)
