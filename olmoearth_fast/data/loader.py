@@ -1,0 +1,268 @@
+"""Two-view data loader: global order, rank sharding, per-batch shapes, workers, exact resume.
+
+Reference behaviour kept (experiments_data_training.md §3.6):
+
+* per epoch the sample order is a seeded shuffle, truncated to a multiple of the global batch;
+* global batch s is rows s·G .. (s+1)·G of that order; rank r takes columns r::world_size;
+* each rank batch draws one patch size p ~ U(patch_sizes) and one hw_p ~ U{hw_p_list ∩
+  [1, tile/p]}, so ranks draw different shapes in the same step;
+* every sample is cropped to hw_p·p px and T months (token budget), then the batch is masked
+  `num_views` times independently.
+
+Difference that makes resume exact: every random draw of global batch s on rank r (order
+excepted) comes from a generator seeded by (seed, epoch, s, rank), not from a per-worker
+stream, so a batch is the same whatever `num_workers` is and whenever it is produced. The
+reference seeds per (seed + epoch + rank·workers + worker) and uses unseeded np.random for
+crops and masks, so its batches are not reproducible. `state_dict()` is {epoch,
+batches_processed, ...}; after `load_state_dict` iteration continues with the next batch.
+
+hw_p is filtered with the dataset's tile size (128 in the reference H5, where the reference's
+`IMAGE_TILE_SIZE / p = 256 / p` bound never binds for hw_p ≤ 12, p ≤ 8).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from olmoearth_fast.data.collate import MaskedViews, collate_views
+from olmoearth_fast.data.dataset import OlmoEarthH5Dataset, Sample
+from olmoearth_fast.data.h5 import CorruptSampleError
+from olmoearth_fast.data.masking import MaskingConfig, MaskingStrategy, build_masking
+from olmoearth_fast.modalities import TRAINING_MODALITIES, TokenizationConfig, as_tokenization
+
+logger = logging.getLogger(__name__)
+
+
+class OlmoEarthLoader:
+    """Iterable over `MaskedViews` rank batches of one epoch at a time.
+
+    Args:
+        dataset: an `OlmoEarthH5Dataset` or a directory of reference-format H5 samples.
+        global_batch_size: samples per step over all ranks (512 in the reference).
+        seed: data seed (3622 in the reference).
+        rank, world_size: data-parallel position; the rank batch is global / world_size.
+        num_workers: worker processes (0 = in the calling process).
+        patch_sizes: p values drawn uniformly per rank batch (1..8).
+        hw_p_list: tokens-per-side values drawn per rank batch (1..12).
+        token_budget: tokens per sample that fix T (2250); None = 12 months.
+        masking: strategy, `MaskingConfig`, reference-style dict or name.
+        tokenization: the experiment's tokenization (mask last dim); None = default bandsets.
+        num_views: 1 or 2 masked views.
+        budget_tokenization: "default" counts the budget with default bandsets (reference
+            quirk), "experiment" with `tokenization`.
+        shuffle: shuffle the sample order each epoch.
+        skip_corrupt: replace an unreadable sample by the next readable one, with a warning,
+            instead of raising.
+        training_modalities: used when `dataset` is a path.
+        prefetch_factor, pin_memory, multiprocessing_context: passed to torch's DataLoader.
+
+    Raises:
+        ValueError: inconsistent sizes, ranks or shape lists (the message names the argument).
+    """
+
+    def __init__(
+        self,
+        dataset: OlmoEarthH5Dataset | str | os.PathLike,
+        global_batch_size: int,
+        *,
+        seed: int = 3622,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        patch_sizes: Sequence[int] = tuple(range(1, 9)),
+        hw_p_list: Sequence[int] = tuple(range(1, 13)),
+        token_budget: int | None = 2250,
+        masking: MaskingStrategy | MaskingConfig | Mapping | str = "modality_cross_random",
+        tokenization: TokenizationConfig | Mapping | str | None = None,
+        num_views: int = 2,
+        budget_tokenization: str = "default",
+        shuffle: bool = True,
+        skip_corrupt: bool = False,
+        training_modalities: Sequence[str] = TRAINING_MODALITIES,
+        prefetch_factor: int | None = 2,
+        pin_memory: bool = False,
+        multiprocessing_context: str | None = None,
+    ):
+        if not isinstance(dataset, OlmoEarthH5Dataset):
+            dataset = OlmoEarthH5Dataset(dataset, training_modalities, skip_corrupt=skip_corrupt)
+        self.dataset = dataset
+        if global_batch_size < 1 or world_size < 1 or global_batch_size % world_size:
+            raise ValueError(f"global_batch_size={global_batch_size} must be a positive "
+                             f"multiple of world_size={world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if num_views not in (1, 2):
+            raise ValueError(f"num_views must be 1 or 2, got {num_views}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if budget_tokenization not in ("default", "experiment"):
+            raise ValueError(f"budget_tokenization must be 'default' or 'experiment', got "
+                             f"{budget_tokenization!r}")
+        self.patch_sizes = [int(p) for p in patch_sizes]
+        self.hw_p_list = [int(h) for h in hw_p_list]
+        if not self.patch_sizes or min(self.patch_sizes) < 1:
+            raise ValueError(f"patch_sizes must be positive ints, got {list(patch_sizes)}")
+        if not self.hw_p_list or min(self.hw_p_list) < 1:
+            raise ValueError(f"hw_p_list must be positive ints, got {list(hw_p_list)}")
+        self.tokenization = as_tokenization(tokenization)
+        if isinstance(masking, MaskingStrategy):
+            if masking.tokenization != self.tokenization:
+                raise ValueError("masking strategy tokenization differs from `tokenization`: "
+                                 f"{masking.tokenization} vs {self.tokenization}")
+            self.masking = masking
+        else:
+            self.masking = build_masking(masking, self.tokenization)
+        self.global_batch_size = int(global_batch_size)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.rank_batch_size = self.global_batch_size // self.world_size
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.token_budget = token_budget
+        self.num_views = num_views
+        self.budget_tokenization = budget_tokenization
+        self.shuffle = shuffle
+        self.skip_corrupt = skip_corrupt or dataset.skip_corrupt
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
+        self.multiprocessing_context = multiprocessing_context
+        self.tile_size = dataset.tile_size
+        if not any(h * p <= self.tile_size for p in self.patch_sizes for h in self.hw_p_list):
+            raise ValueError(f"no (patch_size, hw_p) pair fits the {self.tile_size}-px tiles")
+        if len(dataset) < self.global_batch_size:
+            raise ValueError(f"dataset has {len(dataset)} samples, fewer than "
+                             f"global_batch_size={self.global_batch_size}")
+        self.epoch = 1
+        self.batches_processed = 0
+        self._order_epoch: int | None = None
+        self._order: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ order and state
+    def __len__(self) -> int:
+        """Rank batches per epoch (drop_last)."""
+        return len(self.dataset) // self.global_batch_size
+
+    def global_order(self, epoch: int) -> np.ndarray:
+        """Dataset positions of the epoch, truncated to whole global batches."""
+        if self._order_epoch != epoch:
+            order = np.arange(len(self.dataset), dtype=np.int64)
+            if self.shuffle:
+                np.random.default_rng([self.seed, epoch]).shuffle(order)
+            self._order = order[: len(self) * self.global_batch_size]
+            self._order_epoch = epoch
+        return self._order
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batches_processed": self.batches_processed,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "world_size": self.world_size,
+            "dataset_fingerprint": self.dataset.fingerprint,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the cursor; the next batch is the one after the last one consumed.
+
+        Raises:
+            ValueError: the global batch size differs (the cursor would mean other samples).
+        """
+        if int(state["global_batch_size"]) != self.global_batch_size:
+            raise ValueError(f"state has global_batch_size={state['global_batch_size']}, "
+                             f"loader has {self.global_batch_size}")
+        if state.get("dataset_fingerprint") != self.dataset.fingerprint:
+            logger.warning("restoring loader state from another dataset: %s vs %s",
+                           state.get("dataset_fingerprint"), self.dataset.fingerprint)
+        if int(state["seed"]) != self.seed:
+            logger.warning("restoring loader state with seed %s (loader had %s)",
+                           state["seed"], self.seed)
+            self.seed = int(state["seed"])
+            self._order_epoch = None
+        self.epoch = int(state["epoch"])
+        self.batches_processed = int(state["batches_processed"])
+
+    # ------------------------------------------------------------------ batches
+    def _load(self, pos: int, p: int, hw_p: int, rng: np.random.Generator) -> Sample:
+        budget_tok = self.tokenization if self.budget_tokenization == "experiment" else None
+        n = len(self.dataset)
+        for attempt in range(n):
+            i = (pos + attempt) % n
+            try:
+                return self.dataset.get_item(i, p, hw_p, self.token_budget, rng, budget_tok)
+            except CorruptSampleError as e:
+                if not self.skip_corrupt:
+                    raise
+                logger.warning("skipping unreadable sample: %s", e)
+        raise CorruptSampleError(f"no readable sample in {self.dataset.root}")
+
+    def batch_seed(self, epoch: int, step: int) -> np.random.SeedSequence:
+        return np.random.SeedSequence([self.seed, epoch, step, self.rank])
+
+    def make_batch(self, epoch: int, step: int) -> MaskedViews:
+        """Rank batch `step` of `epoch` (pure function of the loader's settings)."""
+        if not 0 <= step < len(self):
+            raise ValueError(f"step={step} outside [0, {len(self)})")
+        order = self.global_order(epoch)
+        rows = order[step * self.global_batch_size:(step + 1) * self.global_batch_size]
+        mine = rows[self.rank::self.world_size]
+        ss = self.batch_seed(epoch, step)
+        rng = np.random.default_rng(ss)
+        p = int(rng.choice(self.patch_sizes))
+        fits = [h for h in self.hw_p_list if h * p <= self.tile_size]
+        if not fits:
+            raise ValueError(f"no hw_p in {self.hw_p_list} fits patch_size={p} in "
+                             f"{self.tile_size}-px tiles")
+        hw_p = int(rng.choice(fits))
+        samples = [self._load(int(pos), p, hw_p, rng) for pos in mine]
+        gen = torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 1))
+        return collate_views(samples, p, hw_p, self.masking, gen, self.num_views)
+
+    def __iter__(self) -> Iterator[MaskedViews]:
+        """Batches from the cursor to the end of the epoch; then the next epoch is armed."""
+        epoch, start = self.epoch, self.batches_processed
+        steps = list(range(start, len(self)))
+        if self.num_workers == 0:
+            source = (self.make_batch(epoch, s) for s in steps)
+        else:
+            source = iter(torch.utils.data.DataLoader(
+                _EpochSlice(self, epoch, steps),
+                batch_size=None,
+                num_workers=self.num_workers,
+                prefetch_factor=self.prefetch_factor,
+                pin_memory=self.pin_memory,
+                multiprocessing_context=self.multiprocessing_context,
+                worker_init_fn=_worker_init,
+                persistent_workers=False,
+            ))
+        for batch in source:
+            self.batches_processed += 1
+            yield batch
+        if self.batches_processed >= len(self):
+            self.epoch = epoch + 1
+            self.batches_processed = 0
+
+
+def _worker_init(worker_id: int) -> None:
+    # masking and normalisation are per-batch vector ops on small tensors; one intra-op
+    # thread per worker avoids oversubscribing the cores the workers already fill
+    torch.set_num_threads(1)
+
+
+class _EpochSlice(torch.utils.data.IterableDataset):
+    """Worker w makes steps[w::num_workers]; torch's DataLoader interleaves workers
+    round-robin, so batches arrive in step order."""
+
+    def __init__(self, loader: OlmoEarthLoader, epoch: int, steps: list[int]):
+        self.loader, self.epoch, self.steps = loader, epoch, steps
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        for s in self.steps[wid::nw]:
+            yield self.loader.make_batch(self.epoch, s)
