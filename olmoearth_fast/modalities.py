@@ -116,12 +116,14 @@ _ERA5_BANDS = (
     "10m-u-component-of-wind", "10m-v-component-of-wind", "total-precipitation",
 )
 
-# TokensAndMasks / MaskedOlmoEarthSample field order restricted to our modalities. The loss
-# sums modalities in this order and modality_cross_random lists present units in it (the
-# "2 present units: encode the first" rule depends on it).
+# The reference's TokensAndMasks / MaskedOlmoEarthSample field order (model_semantics §7),
+# including modalities not used here (latlon, naip, ...). The loss sums modalities in this
+# order, token sequences concatenate them in it, and modality_cross_random lists present units
+# in it (the "2 present units: encode the first" rule depends on it).
 LOSS_FIELD_ORDER: tuple[str, ...] = (
-    "sentinel2_l2a", "sentinel1", "worldcover", "openstreetmap_raster", "srtm", "landsat",
-    "cdl", "worldcereal", "wri_canopy_height_map", "era5_10",
+    "sentinel2_l2a", "sentinel1", "worldcover", "latlon", "openstreetmap_raster", "srtm",
+    "landsat", "naip", "naip_10", "gse", "cdl", "worldpop", "worldcereal",
+    "wri_canopy_height_map", "era5_10", "eurocrops",
 )
 
 MODALITIES: dict[str, ModalitySpec] = {
