@@ -1,0 +1,667 @@
+"""Flexible-patch patch embedding with band dropout: the op, its reference and its effective path.
+
+One (modality, bandset) of the reference (model_semantics.md §2.2) computes, in this order:
+
+    x = index_select(data, -1, band_index)                    # [B,H,W,T,C]
+    x = x * keep[:, None, None, None, :]                       # band dropout, no rescale (§2.4)
+    x = "b h w t c -> (b t) c h w"
+    x = F.interpolate(x, (H/p*8, W/p*8), "bicubic", antialias=True)   # only when p != 8
+    y = Conv2d(C, D, 8, stride=8)(x) -> [B, H/p, W/p, T, D]
+
+Missing pixels (-99999) are ordinary values throughout: they enter the resize and bleed into
+neighbouring tokens, exactly as in the reference (§9 items 2, 13).
+
+Three implementations compute it:
+
+* `patch_embed_ref`: the order above, literally (used on CPU and as the test oracle).
+* `patch_embed_effective`: resize and conv are both linear, so "resize then 8x8/stride-8 conv"
+  equals one stride-p conv of the original pixels with an effective kernel of K = p+4 taps per
+  axis (a 2-pixel halo on each side, the reach of the Keys cubic). Antialiased bicubic
+  renormalises its weights where its support leaves the image, so the first and last
+  ceil(2/p) token rows/columns get their own kernels ("classes"); interior tokens share one.
+  Plain PyTorch, differentiable; it is the CPU mirror of the fused Triton kernel.
+* the Triton kernel (`olmoearth_fast.kernels.patch_embed`): the same effective weights, one
+  kernel that reads the channels-last input once, with the band gather and the keep multiplier
+  folded into its loads. Backward = dW through the effective-kernel mapping, and dbias.
+
+`patch_embed` is the registered op (custom_op + fake + autograd, so it works under
+torch.compile). impl="auto" runs the Triton kernel on CUDA and the reference on CPU, where it
+is bit-identical to the reference package.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "EffectivePlan",
+    "aa_bicubic_matrix",
+    "band_dropout_keep",
+    "effective_plan",
+    "effective_weights",
+    "effective_weight_grad",
+    "patch_embed",
+    "patch_embed_abs_scale",
+    "patch_embed_effective",
+    "patch_embed_ref",
+]
+
+IMPLS = ("auto", "ref", "effective", "triton")
+# Reach of the Keys cubic when upsampling: taps at |d| < 2 input pixels, so a token of p pixels
+# reads p + 2*2 pixels per axis (derivation in `effective_plan`).
+HALO = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Band dropout (§2.4)
+# --------------------------------------------------------------------------------------------
+
+
+def band_dropout_keep(
+    batch: int,
+    num_bands: int,
+    rate: float,
+    *,
+    random_rate: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Draw the band-dropout keep multiplier of one (modality, bandset) embedding call.
+
+    Semantics of the reference (model_semantics.md §2.4): with `random_rate`, one rate
+    r = U[0,1)·rate is drawn per call (shared by all samples); otherwise r = rate.
+    keep[b, c] = (U[0,1) >= r), independent per sample and band; a sample with no band kept
+    gets one band, drawn uniformly, forced on. No 1/(1-r) rescale. The result is shared over
+    H, W and T by the caller (it is a [B, C] multiplier).
+
+    Unlike the reference, nothing here syncs with the host: the random rate stays a 0-d device
+    tensor and the at-least-one rule is an unconditional masked OR (a replacement index is
+    drawn for every sample, used only where none was kept). The distribution is identical;
+    the random stream is not.
+
+    Args:
+        batch: Number of samples B.
+        num_bands: Number of bands C of the bandset (>= 1).
+        rate: Fixed drop probability, or the maximum of the random rate, in [0, 1].
+        random_rate: Draw the rate as U[0,1)·rate once per call.
+        generator: Optional torch.Generator (on `device`).
+        device: Device of the result.
+
+    Returns:
+        float32 tensor [B, C] of 0/1.
+    """
+    if batch < 0:
+        raise ValueError(f"band_dropout_keep: batch must be >= 0, got {batch}")
+    if num_bands < 1:
+        raise ValueError(f"band_dropout_keep: num_bands must be >= 1, got {num_bands}")
+    if not 0.0 <= float(rate) <= 1.0:
+        raise ValueError(f"band_dropout_keep: rate must be in [0, 1], got {rate}")
+    kw = dict(generator=generator, device=device)
+    r: Tensor | float = rate
+    if random_rate:
+        r = torch.rand((), **kw) * rate
+    keep = torch.rand(batch, num_bands, **kw) >= r
+    none_kept = ~keep.any(dim=1, keepdim=True)
+    replacement = torch.randint(num_bands, (batch, 1), **kw)
+    forced = torch.arange(num_bands, device=keep.device) == replacement  # [B, C] one-hot
+    return (keep | (forced & none_kept)).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference path
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    patch_size: int,
+    keep: Tensor | None,
+    band_index: Tensor | None,
+) -> None:
+    """Raise a clear error for any malformed argument of the patch-embed functions."""
+    if x.dim() != 5:
+        raise ValueError(f"patch_embed: x must be [B,H,W,T,C] (5-D), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"patch_embed: x must be floating point, got {x.dtype}")
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"patch_embed: weight must be [D,C,k,k], got {tuple(weight.shape)}")
+    B, H, W, T, c_all = x.shape
+    D, C, base = weight.shape[0], weight.shape[1], weight.shape[2]
+    if band_index is not None:
+        if band_index.dim() != 1 or band_index.dtype not in (torch.int32, torch.int64):
+            raise ValueError("patch_embed: band_index must be a 1-D int32/int64 tensor, got "
+                             f"{band_index.dtype} {tuple(band_index.shape)}")
+        if band_index.numel() != C:
+            raise ValueError(f"patch_embed: band_index has {band_index.numel()} bands but weight "
+                             f"has C={C} input channels")
+        if band_index.device != x.device:
+            raise ValueError(f"patch_embed: band_index is on {band_index.device}, x on {x.device}")
+        # Value check only where it costs no device sync (and not on fake tensors).
+        if (band_index.device.type == "cpu" and band_index.numel()
+                and not torch.compiler.is_compiling() and (
+            int(band_index.min()) < 0 or int(band_index.max()) >= c_all)):
+            raise ValueError(f"patch_embed: band_index values must lie in [0, {c_all}), got "
+                             f"{band_index.tolist()}")
+    elif c_all != C:
+        raise ValueError(f"patch_embed: x has {c_all} channels but weight has C={C} (pass "
+                         "band_index to gather a bandset)")
+    if bias is not None and tuple(bias.shape) != (D,):
+        raise ValueError(f"patch_embed: bias must be [D]=[{D}], got {tuple(bias.shape)}")
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int):
+        raise TypeError(f"patch_embed: patch_size must be an int, got {patch_size!r}")
+    if not 1 <= patch_size <= base:
+        raise ValueError(f"patch_embed: patch_size must be in [1, {base}] (the weight's kernel "
+                         f"size), got {patch_size}")
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"patch_embed: H={H} and W={W} must be multiples of patch_size="
+                         f"{patch_size}")
+    if keep is not None and tuple(keep.shape) != (B, C):
+        raise ValueError(f"patch_embed: keep must be [B,C]=[{B},{C}], got {tuple(keep.shape)}")
+
+
+def _gather_drop_resize(
+    x: Tensor, patch_size: int, base: int, keep: Tensor | None, band_index: Tensor | None
+) -> Tensor:
+    """Steps 1-4 of the reference: gather, keep multiply, to [(B T), C, H, W], resize."""
+    if band_index is not None:
+        x = torch.index_select(x, -1, band_index)
+    if keep is not None:
+        x = x * keep.to(x.dtype)[:, None, None, None, :]
+    B, H, W, T, C = x.shape
+    x = x.permute(0, 3, 4, 1, 2).reshape(B * T, C, H, W)
+    if patch_size != base:
+        size = (H // patch_size * base, W // patch_size * base)
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            # PyTorch's CPU antialiased bicubic has no half kernels; CUDA's computes in fp32
+            # and rounds the output, which this reproduces.
+            x = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True).to(x.dtype)
+        else:
+            x = F.interpolate(x, size=size, mode="bicubic", antialias=True)
+    return x
+
+
+def patch_embed_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    patch_size: int,
+    keep: Tensor | None = None,
+    band_index: Tensor | None = None,
+) -> Tensor:
+    """Reference patch embedding, in the reference's order of operations (module docstring).
+
+    Args:
+        x: [B,H,W,T,C_all] channels-last (or the gathered [B,H,W,T,C] when band_index is None).
+        weight: Conv weight [D,C,k,k] (k = 8 = max patch size); cast to x.dtype.
+        bias: [D] or None.
+        patch_size: p in [1, k]; H and W must be multiples of p.
+        keep: Optional [B,C] band-dropout multiplier (0/1).
+        band_index: Optional [C] indices into the last axis of x.
+
+    Returns:
+        [B, H/p, W/p, T, D] in x.dtype, contiguous.
+    """
+    _check_inputs(x, weight, bias, patch_size, keep, band_index)
+    B, T = x.shape[0], x.shape[3]
+    base = weight.shape[-1]
+    img = _gather_drop_resize(x, patch_size, base, keep, band_index)
+    b = None if bias is None else bias.to(x.dtype)
+    y = F.conv2d(img, weight.to(x.dtype), b, stride=base)  # [(B T), D, h, w]
+    D, h, w = y.shape[1:]
+    return y.reshape(B, T, D, h, w).permute(0, 3, 4, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Effective-kernel construction (shared by the PyTorch effective path and the Triton kernel)
+# --------------------------------------------------------------------------------------------
+
+
+def _keys_cubic(d: Tensor, a: float = -0.5) -> Tensor:
+    """Keys cubic convolution kernel; PyTorch's antialiased bicubic uses a = -0.5 (PIL)."""
+    d = d.abs()
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return torch.where(d < 1, near, torch.where(d < 2, far, torch.zeros_like(d)))
+
+
+@functools.lru_cache(maxsize=256)
+def _aa_bicubic_matrix_cached(in_size: int, out_size: int) -> Tensor:
+    scale = in_size / out_size  # what F.interpolate derives from size= (align_corners=False)
+    # Antialias widens the support by the scale only when downsampling (scale > 1).
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
+    m = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        # int() truncates toward zero, like the C++ static_cast, before clamping to the image.
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        taps = _keys_cubic((torch.arange(lo, hi, dtype=torch.float64) - center + 0.5) * inv_scale)
+        m[i, lo:hi] = taps / taps.sum()  # renormalised per output pixel (truncated at borders)
+    return m
+
+
+def aa_bicubic_matrix(in_size: int, out_size: int) -> Tensor:
+    """1-D matrix [out, in] (float64) of `F.interpolate(mode="bicubic", antialias=True)`.
+
+    The 2-D resize is separable: resized = M_h @ img @ M_w^T. Weights follow PyTorch's
+    antialiased path: Keys a = -0.5, support 2 input pixels (scaled when downsampling),
+    truncated at the image border and normalised to sum 1 per output pixel.
+    """
+    return _aa_bicubic_matrix_cached(int(in_size), int(out_size)).clone()
+
+
+@dataclass(frozen=True, eq=False)  # identity semantics: plans are cached singletons
+class EffectivePlan:
+    """Token classes and 1-D effective maps of one (patch size, H, W).
+
+    Attributes:
+        patch_size: p.
+        base: Conv kernel size k (8).
+        taps: K, effective taps per axis (p + 4, or k when p == k).
+        halo: Input pixels read before a token's own p pixels (2, or 0 when p == k).
+        row_classes: (first token row, number of rows) per row class.
+        col_classes: Same for columns.
+        row_maps: [n_row_classes, k, K] float64: resized row u of a token <- input tap kk.
+        col_maps: [n_col_classes, k, K] float64.
+    """
+
+    patch_size: int
+    base: int
+    taps: int
+    halo: int
+    row_classes: tuple[tuple[int, int], ...]
+    col_classes: tuple[tuple[int, int], ...]
+    row_maps: Tensor
+    col_maps: Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.row_classes) * len(self.col_classes)
+
+    def class_rects(self) -> list[tuple[int, int, int, int]]:
+        """(i0, ni, j0, nj) per class q = row_class * n_col_classes + col_class."""
+        return [(i0, ni, j0, nj) for i0, ni in self.row_classes for j0, nj in self.col_classes]
+
+
+def _axis_classes(size: int, p: int, base: int) -> tuple[tuple[tuple[int, int], ...], Tensor]:
+    """Token classes and per-class [base, K] maps along one axis of `size` input pixels."""
+    n_tok = size // p
+    if p == base:  # no resize: the conv reads each token's own pixels
+        return ((0, n_tok),), torch.eye(base, dtype=torch.float64)[None]
+    K = p + 2 * HALO
+    m = _aa_bicubic_matrix_cached(size, n_tok * base)  # [n_tok*base, size]
+    # Token i's resized rows base*i .. base*i+base-1 have centres in [p*i, p*i + p) and taps
+    # h with |h + 0.5 - centre| < 2, i.e. h in [p*i - 2, p*i + p + 1]: K = p + 4 taps.
+    padded = F.pad(m, (HALO, HALO))  # column h + HALO holds input pixel h
+    maps = torch.stack([padded[base * i: base * (i + 1), p * i: p * i + K] for i in range(n_tok)])
+    if not torch.allclose(maps.sum((1, 2)), torch.full((n_tok,), float(base), dtype=m.dtype)):
+        raise AssertionError("effective_plan: resize taps fall outside the p+4 window")
+    # A token is interior when its whole window lies inside the image: then nothing was
+    # truncated, and its map is the translation-invariant interior one.
+    interior = [i for i in range(n_tok) if p * i - HALO >= 0 and p * i + p + HALO <= size]
+    classes: list[tuple[int, int]] = []
+    reps: list[int] = []
+    i = 0
+    while i < n_tok:
+        if interior and i == interior[0]:
+            classes.append((i, len(interior)))
+            reps.append(i)
+            if not all(torch.equal(maps[j], maps[i]) for j in interior):
+                raise AssertionError("effective_plan: interior taps are not translation-invariant")
+            i += len(interior)
+        else:
+            classes.append((i, 1))
+            reps.append(i)
+            i += 1
+    return tuple(classes), maps[reps].contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def effective_plan(patch_size: int, height: int, width: int, base: int = 8) -> EffectivePlan:
+    """Token classes and 1-D effective maps for a p x p patch on a `height` x `width` image.
+
+    Args:
+        patch_size: p in [1, base]; height and width must be multiples of p.
+        height: Image height H in pixels.
+        width: Image width W in pixels.
+        base: Conv kernel size (the reference's max patch size, 8).
+
+    Returns:
+        The cached EffectivePlan (its tensors are float64 on CPU; treat them as read-only).
+    """
+    p = patch_size
+    if not 1 <= p <= base or height % p or width % p:
+        raise ValueError(f"effective_plan: need 1 <= p <= {base} dividing H, W; got p={p}, "
+                         f"H={height}, W={width}")
+    rows, row_maps = _axis_classes(height, p, base)
+    cols, col_maps = _axis_classes(width, p, base)
+    taps = base if p == base else p + 2 * HALO
+    halo = 0 if p == base else HALO
+    return EffectivePlan(p, base, taps, halo, rows, cols, row_maps, col_maps)
+
+
+@functools.lru_cache(maxsize=128)
+def _maps_on(
+    plan: EffectivePlan, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Row and column maps as [k, n_classes*K] on `device` (cached: no per-call H2D copy)."""
+    k = plan.base
+    a_r = plan.row_maps.permute(1, 0, 2).reshape(k, -1)
+    a_c = plan.col_maps.permute(1, 0, 2).reshape(k, -1)
+    return a_r.to(device, dtype), a_c.to(device, dtype)
+
+
+def effective_weights(weight: Tensor, plan: EffectivePlan) -> Tensor:
+    """Compose the conv weight with the resize: E[q, kh, kw, c, d], shape [nq, K, K, C, D].
+
+    E[q] = sum_{u,v} A_r[u, kh] * A_c[v, kw] * weight[d, c, u, v] for class q = (r, c); token
+    (i, j) of class q is then sum_{kh,kw,c} E[q, kh, kw, c, :] * x[p*i - halo + kh,
+    p*j - halo + kw, c]. Two GEMMs over all classes at once; float32 (float64 for a float64
+    weight); differentiable.
+    """
+    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    D, C, k = weight.shape[0], weight.shape[1], weight.shape[2]
+    nr, nc, K = len(plan.row_classes), len(plan.col_classes), plan.taps
+    a_r, a_c = _maps_on(plan, weight.device, dt)  # [u, (i kh)], [v, (j kw)]
+    half = weight.to(dt).reshape(D * C * k, k) @ a_c  # [(d c u), (j kw)]
+    full = a_r.T @ half.reshape(D * C, k, nc * K)  # [(d c), (i kh), (j kw)]
+    e = full.reshape(D, C, nr, K, nc, K).permute(2, 4, 3, 5, 1, 0)  # [i, j, kh, kw, c, d]
+    return e.reshape(nr * nc, K, K, C, D).contiguous()
+
+
+def effective_weight_grad(grad_e: Tensor, plan: EffectivePlan) -> Tensor:
+    """Map dL/dE [nq, K, K, C, D] back to dL/dweight [D, C, k, k] (adjoint of effective_weights)."""
+    nr, nc, K = len(plan.row_classes), len(plan.col_classes), plan.taps
+    C, D = grad_e.shape[-2], grad_e.shape[-1]
+    k = plan.base
+    a_r, a_c = _maps_on(plan, grad_e.device, grad_e.dtype)
+    g = grad_e.reshape(nr, nc, K, K, C, D).permute(5, 4, 0, 2, 1, 3)  # [d, c, i, kh, j, kw]
+    half = a_r @ g.reshape(D * C, nr * K, nc * K)  # [(d c), u, (j kw)]
+    return (half.reshape(D * C * k, nc * K) @ a_c.T).reshape(D, C, k, k)
+
+
+def _padded_channels_last(
+    x: Tensor, plan: EffectivePlan, keep: Tensor | None, band_index: Tensor | None
+) -> Tensor:
+    """Gather + keep multiply (the reference's first steps), as [(B T), H+2h, W+2h, C] with a
+    zero halo h: padded taps carry zero weight, so padding only keeps windows in bounds."""
+    if band_index is not None:
+        x = torch.index_select(x, -1, band_index)
+    if keep is not None:
+        x = x * keep.to(x.dtype)[:, None, None, None, :]
+    B, H, W, T, C = x.shape
+    x = x.permute(0, 3, 1, 2, 4)
+    if plan.halo:
+        x = F.pad(x, (0, 0) + (plan.halo,) * 4)
+    return x.reshape(B * T, H + 2 * plan.halo, W + 2 * plan.halo, C)
+
+
+def _class_windows(img: Tensor, plan: EffectivePlan, q: int) -> Tensor:
+    """Input windows of class q's tokens as a [(BT ni nj), K*K*C] matrix (a strided gather)."""
+    i0, ni, j0, nj = plan.class_rects()[q]
+    p, K = plan.patch_size, plan.taps
+    s = img.stride()
+    win = img[:, p * i0:, p * j0:].as_strided(
+        (img.shape[0], ni, nj, K, K, img.shape[3]), (s[0], p * s[1], p * s[2], s[1], s[2], s[3]))
+    return win.reshape(-1, K * K * img.shape[3])
+
+
+def patch_embed_effective(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    patch_size: int,
+    keep: Tensor | None = None,
+    band_index: Tensor | None = None,
+) -> Tensor:
+    """Effective-kernel patch embedding in plain PyTorch (differentiable through autograd).
+
+    Builds the per-class effective weights, then per token class one GEMM of the class's input
+    windows [tokens, K*K*C] with its weight [K*K*C, D]: the CPU mirror of the Triton kernel.
+    Same arguments and result as `patch_embed_ref`, equal to it up to float rounding.
+    """
+    _check_inputs(x, weight, bias, patch_size, keep, band_index)
+    B, H, W, T = x.shape[:4]
+    D, C, base = weight.shape[0], weight.shape[1], weight.shape[-1]
+    plan = effective_plan(patch_size, H, W, base)
+    K = plan.taps
+    e = effective_weights(weight, plan).to(x.dtype).reshape(plan.num_classes, K * K * C, D)
+    img = _padded_channels_last(x, plan, keep, band_index)
+    h, w = H // patch_size, W // patch_size
+    # Assemble the class rectangles with cat, not slice assignment: autograd's CopySlices
+    # would clone the whole output gradient once per class (25 classes at p = 1).
+    rects = plan.class_rects()
+    n_cols = len(plan.col_classes)
+    e = e.unbind(0)  # one backward node; e[q] would zero-fill all of dE once per class
+    rows = []
+    for r in range(len(plan.row_classes)):
+        tiles = []
+        for q in range(r * n_cols, (r + 1) * n_cols):
+            _, ni, _, nj = rects[q]
+            tiles.append((_class_windows(img, plan, q) @ e[q]).reshape(B * T, ni, nj, D))
+        rows.append(torch.cat(tiles, dim=2))
+    out = torch.cat(rows, dim=1)  # [(B T), h, w, D]
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out.reshape(B, T, h, w, D).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def _effective_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, patch_size: int, keep: Tensor | None,
+    band_index: Tensor | None,
+) -> Tensor:
+    """dL/dweight of `patch_embed_effective`: per class windows^T @ dY, mapped back to 8x8."""
+    B, H, W, T = x.shape[:4]
+    D, C, base = weight.shape[0], weight.shape[1], weight.shape[-1]
+    plan = effective_plan(patch_size, H, W, base)
+    K = plan.taps
+    img = _padded_channels_last(x, plan, keep, band_index)
+    g = grad.to(x.dtype).permute(0, 3, 1, 2, 4)  # [B, T, h, w, D]
+    g = g.reshape(B * T, H // patch_size, W // patch_size, D)
+    grad_e = torch.empty(plan.num_classes, K * K * C, D, dtype=torch.float32, device=x.device)
+    for q, (i0, ni, j0, nj) in enumerate(plan.class_rects()):
+        g_q = g[:, i0:i0 + ni, j0:j0 + nj].reshape(-1, D)
+        grad_e[q] = _class_windows(img, plan, q).float().T @ g_q.float()  # fp32 accumulate
+    return effective_weight_grad(grad_e.reshape(plan.num_classes, K, K, C, D), plan)
+
+
+@torch.no_grad()
+def patch_embed_abs_scale(
+    x: Tensor,
+    weight: Tensor,
+    patch_size: int,
+    keep: Tensor | None = None,
+    band_index: Tensor | None = None,
+    grad: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Magnitude of the terms summed into each output (and weight-gradient) entry.
+
+    out_scale = conv(|weight|, |R_h| |x * keep| |R_w|^T) bounds sum |term| for both the
+    reference (resize then conv) and the effective path (|E| <= |W| |R| |R|), so float
+    rounding of either is O(eps * out_scale). Near a missing pixel (-99999) out_scale is
+    ~1e5 while the output may be small after cancellation: this is the scale an error bound
+    has to use there. With `grad`, also the same bound for dL/dweight (sum over tokens).
+
+    Returns:
+        (out_scale [B,h,w,T,D], weight_grad_scale [D,C,k,k] or None), float64.
+    """
+    _check_inputs(x, weight, None, patch_size, keep, band_index)
+    B, H, W, T = x.shape[:4]
+    base = weight.shape[-1]
+    img = x.double()
+    if band_index is not None:
+        img = torch.index_select(img, -1, band_index)
+    if keep is not None:
+        img = img * keep.double()[:, None, None, None, :]
+    img = img.abs().permute(0, 3, 4, 1, 2).reshape(B * T, -1, H, W)
+    if patch_size != base:
+        r_h = aa_bicubic_matrix(H, H // patch_size * base).abs().to(x.device)
+        r_w = aa_bicubic_matrix(W, W // patch_size * base).abs().to(x.device)
+        img = r_h @ img @ r_w.T
+    w_abs = weight.double().abs()
+    out = F.conv2d(img, w_abs, stride=base)
+    D, h, w = out.shape[1:]
+    out = out.reshape(B, T, D, h, w).permute(0, 3, 4, 1, 2)
+    if grad is None:
+        return out, None
+    g = grad.double().abs().permute(0, 3, 4, 1, 2).reshape(B * T, D, h, w)
+    gw = torch.ops.aten.convolution_backward(g, img, w_abs, None, [base, base], [0, 0], [1, 1],
+                                             False, [0, 0], 1, [False, True, False])[1]
+    return out, gw
+
+
+# --------------------------------------------------------------------------------------------
+# Registered op
+# --------------------------------------------------------------------------------------------
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _resolve_impl(impl: str, x: Tensor) -> str:
+    if impl == "auto":
+        fused = x.device.type == "cuda" and x.dtype in _TRITON_DTYPES and _have_triton()
+        return "triton" if fused else "ref"
+    if impl == "triton" and x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"patch_embed: impl='triton' supports x in {_TRITON_DTYPES}, got {x.dtype}")
+    return impl
+
+
+@torch.library.custom_op("olmoearth_fast::patch_embed", mutates_args=())
+def _patch_embed_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    patch_size: int,
+    keep: Tensor | None,
+    band_index: Tensor | None,
+    impl: str,
+) -> Tensor:
+    impl = _resolve_impl(impl, x)
+    if impl == "ref":
+        return patch_embed_ref(x, weight, bias, patch_size, keep, band_index)
+    if impl == "effective":
+        return patch_embed_effective(x, weight, bias, patch_size, keep, band_index)
+    from olmoearth_fast.kernels.patch_embed import patch_embed_fwd
+
+    B, H, W, T = x.shape[:4]
+    plan = effective_plan(patch_size, H, W, weight.shape[-1])
+    e = effective_weights(weight, plan)
+    return patch_embed_fwd(x, e, bias, plan, keep, band_index)
+
+
+@_patch_embed_op.register_fake
+def _(x, weight, bias, patch_size, keep, band_index, impl):
+    B, H, W, T = x.shape[:4]
+    return x.new_empty(B, H // patch_size, W // patch_size, T, weight.shape[0])
+
+
+@torch.library.custom_op("olmoearth_fast::patch_embed_backward", mutates_args=())
+def _patch_embed_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    patch_size: int,
+    keep: Tensor | None,
+    band_index: Tensor | None,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
+    impl = _resolve_impl(impl, x)
+    grad = grad.contiguous()
+    grad_bias = grad.sum(dim=(0, 1, 2, 3), dtype=torch.float32).to(weight.dtype)
+    if impl == "ref":
+        base = weight.shape[-1]
+        img = _gather_drop_resize(x, patch_size, base, keep, band_index)
+        B, h, w, T, D = grad.shape
+        g = grad.to(x.dtype).permute(0, 3, 4, 1, 2).reshape(B * T, D, h, w)
+        # What autograd of the reference's Conv2d computes for its weight.
+        grad_weight = torch.ops.aten.convolution_backward(
+            g, img, weight.to(x.dtype), None, [base, base], [0, 0], [1, 1], False, [0, 0], 1,
+            [False, True, False])[1]
+    elif impl == "effective":
+        grad_weight = _effective_backward(grad, x, weight, patch_size, keep, band_index)
+    else:
+        from olmoearth_fast.kernels.patch_embed import patch_embed_bwd_effective
+
+        B, H, W, T = x.shape[:4]
+        plan = effective_plan(patch_size, H, W, weight.shape[-1])
+        grad_e = patch_embed_bwd_effective(grad, x, plan, weight.shape[1], keep, band_index)
+        grad_weight = effective_weight_grad(grad_e, plan)
+    return grad_weight.to(weight.dtype).contiguous(), grad_bias
+
+
+@_patch_embed_backward_op.register_fake
+def _(grad, x, weight, patch_size, keep, band_index, impl):
+    return weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, patch_size, keep, band_index, impl = inputs
+    ctx.save_for_backward(x, weight, keep, band_index)
+    ctx.patch_size, ctx.impl, ctx.has_bias = patch_size, impl, bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    x, weight, keep, band_index = ctx.saved_tensors
+    need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    grad_weight = grad_bias = None
+    if need_w or need_b:
+        gw, gb = _patch_embed_backward_op(grad, x, weight, ctx.patch_size, keep, band_index,
+                                          ctx.impl)
+        grad_weight = gw if need_w else None
+        grad_bias = gb.to(ctx.bias_dtype) if need_b else None
+    # Pixels, the keep multiplier and the band indices get no gradient (data, not parameters).
+    return None, grad_weight, grad_bias, None, None, None, None
+
+
+_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def patch_embed(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    patch_size: int,
+    keep: Tensor | None = None,
+    band_index: Tensor | None = None,
+    *,
+    impl: str = "auto",
+) -> Tensor:
+    """Band dropout + flexible-patch resize + 8x8/stride-8 projection of one bandset.
+
+    Computes what `patch_embed_ref` computes (the reference's order of operations, missing
+    values included). Gradients flow to `weight` and `bias` only.
+
+    Args:
+        x: [B,H,W,T,C_all] channels-last, any strides (or the gathered [B,H,W,T,C] when
+            band_index is None); float32 or bfloat16 (the compute and output dtype).
+        weight: Conv weight [D,C,8,8] (the reference's Feb layout); any float dtype.
+        bias: [D] or None.
+        patch_size: p in [1, 8]; H and W must be multiples of p.
+        keep: Optional [B,C] band-dropout multiplier (see `band_dropout_keep`).
+        band_index: Optional [C] int64/int32 indices of the bandset's bands in x's last axis.
+        impl: "auto" (Triton on CUDA, reference on CPU), "ref", "effective" (PyTorch
+            effective-kernel path) or "triton" (also runs on CPU under TRITON_INTERPRET=1).
+
+    Returns:
+        [B, H/p, W/p, T, D] in x.dtype.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"patch_embed: impl must be one of {IMPLS}, got {impl!r}")
+    _check_inputs(x, weight, bias, patch_size, keep, band_index)
+    return _patch_embed_op(x, weight, bias, patch_size, keep, band_index, impl)
