@@ -1,15 +1,5 @@
-"""One public function per op; each picks Triton / C++ / reference by device."""
-
-from olmoearth_fast.ops.packing import (
-    gather_rows,
-    merge_gather,
-    merge_index,
-    pack,
-    scatter_rows,
-    unmerge_scatter,
-    unpack,
-    varlen_index,
-)
-
-__all__ = ["gather_rows", "merge_gather", "merge_index", "pack", "scatter_rows", "unmerge_scatter", "unpack",
-           "varlen_index"]
+"""One public function per op, in the module of the same name; each picks Triton / C++ /
+reference by device: `ops.packing` (pack, unpack, merge indexing), `ops.patch_embed`,
+`ops.masked_neg_loss`. (Functions are not re-exported here: `patch_embed` and
+`masked_neg_loss` would shadow their modules.)
+"""

@@ -1,0 +1,169 @@
+"""Transformer blocks over packed variable-length token sets (model_semantics §3.4).
+
+Tokens live packed as ``[total, D]`` with ``cu_seqlens``; only attention needs to know where one
+sample ends. Backends, picked per call:
+
+* CUDA, bf16/fp16, ``torch.nn.attention.varlen`` present (torch ≥ 2.10): ``varlen_attn`` on the
+  packed tensors, cost Σ len², no padding, no host sync (max lengths are static upper bounds).
+* otherwise (CPU, fp32): the segments are laid out padded to the longest one, ``[B, L]``, and
+  SDPA runs with a key-padding mask. Cost B·L² — with the token budget the lengths are close, so
+  this is near Σ len², and never the (Σ len)² of one block-diagonal mask over the whole batch.
+
+Block = pre-norm attention (separate q/k/v Linear with bias) + GELU MLP, each branch with
+per-sample DropPath (one Bernoulli per sample and branch, same rate in every block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from olmoearth_fast.ops.packing import gather_rows
+
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    _varlen_attn = None
+
+
+@dataclass
+class Segments:
+    """Where each sample's tokens sit in a packed ``[total, D]`` tensor.
+
+    ``cu_seqlens`` (int32, B+1) and ``sample_ids`` ([total], long) live on the tokens' device;
+    ``max_len`` is a Python int (an upper bound is enough for the varlen kernels). The padded
+    layout used by the SDPA backend is built lazily, once per step, and shared by all blocks.
+    """
+
+    cu_seqlens: Tensor
+    sample_ids: Tensor
+    max_len: int
+    _pad: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: Tensor, total: int, max_len: int) -> Segments:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        sample_ids = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths,
+                                             output_size=total)
+        return cls(cu_seqlens, sample_ids, max_len)
+
+    @property
+    def batch(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+    def padded(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(pad_index [B·L], unpad_index [total], key_valid [B, L]) for L = max_len.
+
+        ``gather_rows(packed, pad_index)`` lays the tokens out as ``[B·L, ...]`` (zero rows as
+        padding); ``gather_rows(padded, unpad_index)`` takes them back.
+        """
+        if self._pad is None:
+            b, length = self.batch, max(self.max_len, 1)
+            starts = self.cu_seqlens[:-1].long()
+            lengths = self.cu_seqlens[1:].long() - starts
+            slot = torch.arange(length, device=starts.device)
+            valid = slot[None, :] < lengths[:, None]
+            pad_index = torch.where(valid, starts[:, None] + slot[None, :], torch.full_like(valid, -1, dtype=torch.long))
+            token = torch.arange(self.sample_ids.shape[0], device=starts.device)
+            unpad_index = self.sample_ids * length + (token - starts[self.sample_ids])
+            self._pad = (pad_index.reshape(-1), unpad_index, valid)
+        return self._pad
+
+
+def _use_varlen(x: Tensor) -> bool:
+    return _varlen_attn is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _padded_sdpa(q: Tensor, k: Tensor, v: Tensor, q_seg: Segments, k_seg: Segments, mask_keys: bool) -> Tensor:
+    """q [Tq, H, hd], k/v [Tk, H, hd] → [Tq, H, hd] through a padded [B, H, L, hd] SDPA."""
+    q_pad, q_unpad, _ = q_seg.padded()
+    k_pad, _, k_valid = k_seg.padded()
+    b = q_seg.batch
+    h, hd = q.shape[1], q.shape[2]
+    qp = gather_rows(q.reshape(q.shape[0], -1), q_pad).view(b, -1, h, hd).transpose(1, 2)
+    kp = gather_rows(k.reshape(k.shape[0], -1), k_pad).view(b, -1, h, hd).transpose(1, 2)
+    vp = gather_rows(v.reshape(v.shape[0], -1), k_pad).view(b, -1, h, hd).transpose(1, 2)
+    mask = None
+    if mask_keys:
+        # a sample without keys would give NaN rows (all −inf); let it see one zero key instead:
+        # its queries are padding or meaningless, and NaN must not reach the gradients
+        valid = k_valid.clone()
+        valid[:, 0] |= ~k_valid.any(1)
+        mask = valid[:, None, None, :]
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)
+    return gather_rows(out.transpose(1, 2).reshape(-1, h * hd), q_unpad).view(-1, h, hd)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v projections (the reference's layout)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embedding size {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, x_seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None,
+                mask_keys: bool = True) -> Tensor:
+        y, y_seg = (x, x_seg) if y is None else (y, y_seg)
+        h = self.num_heads
+        q = self.q(x).unflatten(-1, (h, -1))
+        k = self.k(y).unflatten(-1, (h, -1))
+        v = self.v(y).unflatten(-1, (h, -1))
+        if _use_varlen(q):
+            out = _varlen_attn(q, k, v, x_seg.cu_seqlens, y_seg.cu_seqlens, x_seg.max_len, y_seg.max_len)
+        else:
+            out = _padded_sdpa(q, k, v, x_seg, y_seg, mask_keys)
+        return self.proj(out.flatten(-2))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def drop_path(x: Tensor, seg: Segments, rate: float, training: bool) -> Tensor:
+    """Per-sample stochastic depth on packed tokens: one Bernoulli(1−rate) per sample."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    sample_keep = (torch.rand(seg.batch, device=x.device) < keep).to(x.dtype) / keep
+    return x * sample_keep[seg.sample_ids, None]
+
+
+class Block(nn.Module):
+    """Pre-norm block; with ``y`` it is the decoder's cross-attention-only block (no LN on y)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x: Tensor, seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None,
+                mask_keys: bool = True) -> Tensor:
+        x = x + drop_path(self.attn(self.norm1(x), seg, y, y_seg, mask_keys), seg, self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), seg, self.drop_path, self.training)
+
+
+def init_linear_xavier(module: nn.Module) -> None:
+    """The reference's `_init_weights`: xavier-uniform weights and zero bias for every Linear."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

@@ -1,0 +1,124 @@
+"""LatentMIM: online patch embeddings + encoder + decoder, and the frozen projection target.
+
+The reference's target is `deepcopy(encoder)` run with token_exit_cfg all 0 and EMA decay
+(1, 1): it is exactly the frozen, randomly initialised patch-embedding projection of the
+unmasked, un-dropped input (model_semantics §5.1). Only that projection is kept here
+(`target_patch_embeddings`, no grad), and it is computed once per microbatch for both views.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from olmoearth_fast.config import ModelConfig
+from olmoearth_fast.modalities import MISSING_VALUE, MaskValue, TokenizationConfig, check_modalities
+from olmoearth_fast.model.decoder import Decoder
+from olmoearth_fast.model.encoder import Encoder, Packed
+from olmoearth_fast.model.layout import TokenLayout
+from olmoearth_fast.model.patch_embed import MultiModalPatchEmbeddings
+
+# The reference's MODEL_SIZE_ARGS (internal/utils.py; FEB ⊂ HEAD):
+# (encoder D, encoder depth, encoder heads, decoder D, decoder depth, decoder heads, mlp_ratio)
+MODEL_SIZES: dict[str, tuple[int, int, int, int, int, int, float]] = {
+    "nano": (128, 4, 8, 128, 4, 8, 4.0),
+    "tiny": (192, 12, 3, 192, 12, 3, 4.0),
+    "tiny_more_heads": (192, 12, 8, 192, 12, 8, 4.0),
+    "tiny_shallow_decoder": (192, 12, 3, 192, 4, 3, 4.0),
+    "tiny_super_shallow_decoder": (192, 12, 3, 192, 2, 3, 4.0),
+    "small_shallow_decoder": (384, 12, 6, 384, 4, 6, 4.0),
+    "base": (768, 12, 12, 768, 12, 12, 4.0),
+    "base_shallow_decoder": (768, 12, 12, 768, 4, 12, 4.0),
+    "base_super_shallow_decoder": (768, 12, 12, 768, 2, 12, 4.0),
+    "base_many_heads_shallow_decoder": (768, 8, 16, 768, 4, 12, 4.0),
+    "base_many_heads_shallower_decoder": (768, 8, 16, 768, 2, 12, 4.0),
+    "large": (1024, 24, 16, 1024, 24, 16, 4.0),
+    "large_shallow_decoder": (1024, 24, 16, 1024, 4, 16, 4.0),
+    "large_super_shallow_decoder": (1024, 24, 16, 1024, 2, 16, 4.0),
+    "giga": (1536, 40, 24, 1536, 40, 24, 4.0),
+    "giga_shallow_decoder": (1536, 40, 24, 1536, 4, 24, 4.0),
+    "giga_super_shallow_decoder": (1536, 40, 24, 1536, 2, 24, 4.0),
+}
+
+
+@dataclass
+class ViewOutput:
+    encoded: Packed  # ONLINE tokens after the encoder's final LayerNorm
+    pooled: Tensor  # [B, D] pooled projection (InfoNCE input)
+    decoded: Packed  # predictions at DECODER positions
+
+
+class LatentMIM(nn.Module):
+    def __init__(self, cfg: ModelConfig, tokenization: TokenizationConfig):
+        super().__init__()
+        check_modalities(cfg.modalities, "model.modalities")
+        if cfg.dims is None and cfg.size not in MODEL_SIZES:
+            raise ValueError(f"unknown model size {cfg.size!r}; valid sizes: {', '.join(MODEL_SIZES)}")
+        if not cfg.modalities:
+            raise ValueError("ModelConfig.modalities is empty: name the modalities the model embeds")
+        d_enc, depth, heads, d_dec, dec_depth, dec_heads, mlp = cfg.dims or MODEL_SIZES[cfg.size]
+        self.cfg = cfg
+        self.tokenization = tokenization
+        self.patch_embeddings = MultiModalPatchEmbeddings(
+            cfg.modalities, tokenization, d_enc, cfg.band_dropout_rate, cfg.random_band_dropout,
+            cfg.band_dropout_modalities)
+        self.encoder = Encoder(cfg.modalities, tokenization, d_enc, depth, heads, mlp, cfg.drop_path,
+                               cfg.merge_bandsets, cfg.merge_after_layer, cfg.eval_attend_padding)
+        self.decoder = Decoder(cfg.modalities, tokenization, d_enc, d_dec, dec_depth, dec_heads, mlp, d_enc,
+                               cfg.decoder_drop_path, unmerge_bandsets=cfg.merge_bandsets)
+        # frozen copy of the initial projection: the target (never band-dropped, never trained)
+        self.target_patch_embeddings = copy.deepcopy(self.patch_embeddings)
+        self.target_patch_embeddings.band_dropout_rate = 0.0
+        self.target_patch_embeddings.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.target_patch_embeddings.train(False)
+        return self
+
+    def layout(self, data: dict[str, Tensor], patch_size: int) -> TokenLayout:
+        return TokenLayout.build(data, patch_size, self.tokenization, self.cfg.modalities)
+
+    @torch.no_grad()
+    def target(self, data: dict[str, Tensor], layout: TokenLayout) -> Tensor:
+        """[B, N, D] frozen projection of the full input (identical for every view)."""
+        return layout.flatten(self.target_patch_embeddings(data, layout.patch_size))
+
+    def forward(self, data: dict[str, Tensor], timestamps: Tensor, masks: Tensor, layout: TokenLayout) -> ViewOutput:
+        """Encode and decode V views of one batch in a single pass.
+
+        ``data`` ({m: [B, ...]}) and ``timestamps`` [B, T, 3] are shared by the views;
+        ``masks`` [V·B, N] holds the token codes of the views stacked along the batch.
+        """
+        p = layout.patch_size
+        b = timestamps.shape[0]
+        if masks.shape[0] % b:
+            raise ValueError(f"masks has {masks.shape[0]} rows, not a multiple of the batch size {b}")
+        views = masks.shape[0] // b
+        tokens = self.patch_embeddings(data, p, num_views=views)
+        timestamps = timestamps.repeat(views, 1, 1) if views > 1 else timestamps
+        encoded, pooled = self.encoder(tokens, masks, layout, timestamps, p)
+        decoded = self.decoder(encoded, layout, masks, timestamps, p)
+        return ViewOutput(encoded, pooled, decoded)
+
+    def encode(self, data: dict[str, Tensor], timestamps: Tensor, patch_size: int,
+               masks: Tensor | None = None) -> tuple[Packed, Tensor]:
+        """Encoder only, for evaluation and embedding export: ``(tokens, pooled projection)``.
+
+        Without ``masks`` every token is ONLINE except where its top-left pixel is missing in a
+        band of its bandset (MISSING), as for the reference's unmasked inference batches.
+        ``mean_pool(tokens)`` gives the mean-pooled token embedding used by kNN evaluation.
+        """
+        layout = self.layout(data, patch_size)
+        if masks is None:
+            pixel = {}
+            for m in layout.modalities:
+                groups = self.tokenization.bandset_indices(m)
+                miss = torch.stack([(data[m][..., g] == MISSING_VALUE).any(-1) for g in groups], -1)
+                pixel[m] = torch.where(miss, int(MaskValue.MISSING), int(MaskValue.ONLINE_ENCODER))
+            masks = layout.token_masks(pixel)
+        tokens = self.patch_embeddings(data, patch_size)
+        return self.encoder(tokens, masks, layout, timestamps, patch_size)

@@ -1,0 +1,98 @@
+"""Per-(modality, bandset) patch embeddings with band dropout (model_semantics §2).
+
+Spatial bandsets: band gather → band dropout → antialiased bicubic resize by 8/p → Conv2d 8×8
+stride 8, all inside one `olmoearth_fast.ops.patch_embed` call (fused Triton kernel on CUDA).
+Time-only era5_10: band gather → band dropout → Linear(C, D) (xavier init, as the reference
+re-initialises it). Parameter names follow the reference so its state_dicts map 1:1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from olmoearth_fast.modalities import MODALITIES, TokenizationConfig
+from olmoearth_fast.ops.patch_embed import band_dropout_keep, patch_embed
+
+BASE_PATCH = 8  # the conv kernel is 8×8 at 10 m for every modality used here
+
+
+class FlexiPatchEmbed(nn.Module):
+    """Conv2d(C, D, 8, stride 8) applied after resizing the image by 8/p (reference Feb layout)."""
+
+    def __init__(self, in_chans: int, embedding_size: int):
+        super().__init__()
+        # PyTorch's default Conv2d init (kaiming-uniform a=√5) is the frozen target's init
+        self.proj = nn.Conv2d(in_chans, embedding_size, kernel_size=BASE_PATCH, stride=BASE_PATCH)
+
+    def forward(self, x: Tensor, patch_size: int, keep: Tensor | None, band_index: Tensor) -> Tensor:
+        return patch_embed(x, self.proj.weight, self.proj.bias, patch_size, keep, band_index)
+
+
+class MultiModalPatchEmbeddings(nn.Module):
+    def __init__(self, modalities: tuple[str, ...], tokenization: TokenizationConfig, embedding_size: int,
+                 band_dropout_rate: float = 0.0, random_band_dropout: bool = False,
+                 band_dropout_modalities: tuple[str, ...] | None = None):
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.band_dropout_rate = band_dropout_rate
+        self.random_band_dropout = random_band_dropout
+        self.band_dropout_modalities = band_dropout_modalities
+        self.per_modality_embeddings = nn.ModuleDict()
+        for m in self.modalities:
+            groups = tokenization.bandset_indices(m)
+            mods = nn.ModuleDict()
+            for i, idx in enumerate(groups):
+                if MODALITIES[m].is_spatial:
+                    mods[f"{m}__{i}"] = FlexiPatchEmbed(len(idx), embedding_size)
+                else:
+                    lin = nn.Linear(len(idx), embedding_size)
+                    nn.init.xavier_uniform_(lin.weight)
+                    nn.init.zeros_(lin.bias)
+                    mods[f"{m}__{i}"] = lin
+                self.register_buffer(f"bands__{m}__{i}", torch.tensor(idx, dtype=torch.long), persistent=False)
+            self.per_modality_embeddings[m] = mods
+
+    def _keep(self, modality: str, batch: int, num_bands: int, device) -> Tensor | None:
+        """Band-dropout multiplier of one (modality, bandset) call, or None when not applied."""
+        if not self.training or self.band_dropout_rate <= 0 or num_bands <= 1:
+            return None
+        if self.band_dropout_modalities is not None and modality not in self.band_dropout_modalities:
+            return None
+        return band_dropout_keep(batch, num_bands, self.band_dropout_rate, random_rate=self.random_band_dropout,
+                                 device=device)
+
+    def _embed(self, modality: str, embed: nn.Module, x: Tensor, patch_size: int, keep: Tensor | None,
+               idx: Tensor) -> Tensor:
+        if MODALITIES[modality].is_spatial:
+            return embed(x, patch_size, keep, idx)
+        xb = x.index_select(-1, idx)
+        return embed(xb if keep is None else xb * keep[:, None, :].to(xb.dtype))
+
+    def forward(self, data: dict[str, Tensor], patch_size: int, num_views: int = 1) -> dict[str, Tensor]:
+        """{m: [B,H,W,T,C_all] | [B,T,C_all]} → {m: [V·B,h,w,T,BS,D] | [V·B,T,BS,D]}.
+
+        With ``num_views`` V > 1 the views are stacked along the batch. Band dropout is drawn
+        per view (one rate per (modality, bandset, view), as the reference's per-view calls do);
+        without dropout the tokens are computed once and repeated.
+        """
+        out = {}
+        for m in self.modalities:
+            if m not in data:
+                continue
+            x = data[m]
+            if x.is_cuda and torch.is_autocast_enabled("cuda"):
+                # the fused kernel computes in its input's dtype: bf16 under autocast, like the
+                # reference's bf16 FSDP compute (missing values are already in the masks)
+                x = x.to(torch.get_autocast_dtype("cuda"))
+            tokens = []
+            for name, embed in self.per_modality_embeddings[m].items():
+                idx = getattr(self, f"bands__{name}")
+                keeps = [self._keep(m, x.shape[0], idx.numel(), x.device) for _ in range(num_views)]
+                if keeps[0] is None:
+                    y = self._embed(m, embed, x, patch_size, None, idx)
+                    tokens.append(y.repeat(num_views, *[1] * (y.dim() - 1)) if num_views > 1 else y)
+                else:
+                    tokens.append(torch.cat([self._embed(m, embed, x, patch_size, k, idx) for k in keeps]))
+            out[m] = torch.stack(tokens, dim=-2)
+        return out

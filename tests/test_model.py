@@ -1,0 +1,189 @@
+"""Model pieces: varlen attention, DropPath, band dropout, bandset merge/unmerge, sizes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from olmoearth_fast.modalities import MaskValue, tokenization_preset
+from olmoearth_fast.model.attention import Attention, Segments, drop_path
+from olmoearth_fast.model.bandset_merge import BandsetMerge, BandsetUnmerge, merged_mask
+from olmoearth_fast.model.latent_mim import MODEL_SIZES, LatentMIM, ModelConfig
+
+MODS = ("sentinel2_l2a", "sentinel1", "landsat", "worldcover")
+
+
+def _segments(lengths):
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return Segments.from_cu_seqlens(cu, int(cu[-1]), max(lengths))
+
+
+@pytest.mark.parametrize("lengths", [[5, 1, 7], [3], [4, 0, 2], [1, 1]])
+def test_varlen_attention_equals_per_sample_attention(lengths):
+    attn = Attention(16, 4)
+    seg = _segments(lengths)
+    x = torch.randn(sum(lengths), 16, requires_grad=True)
+    out = attn(x, seg)
+    ref = []
+    for i, n in enumerate(lengths):
+        if n == 0:
+            continue
+        xi = x[int(seg.cu_seqlens[i]):int(seg.cu_seqlens[i + 1])]
+        q, k, v = (lin(xi).unflatten(-1, (4, -1)).transpose(0, 1) for lin in (attn.q, attn.k, attn.v))
+        ref.append(attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(0, 1).flatten(-2)))
+    torch.testing.assert_close(out, torch.cat(ref))
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_cross_attention_segments_differ():
+    attn = Attention(8, 2)
+    q_seg, k_seg = _segments([2, 3]), _segments([4, 1])
+    q, y = torch.randn(5, 8), torch.randn(5, 8)
+    out = attn(q, q_seg, y, k_seg)
+    # sample 1's queries see only sample 1's single key: softmax weight 1 on it
+    v1 = attn.v(y[4:5])
+    torch.testing.assert_close(out[2:], attn.proj(v1).expand(3, -1))
+
+
+def test_drop_path_is_per_sample():
+    seg = _segments([50, 50, 50, 50, 50, 50, 50, 50])
+    x = torch.ones(400, 3)
+    torch.manual_seed(1)
+    y = drop_path(x, seg, 0.5, training=True)
+    per_sample = y.view(8, 50, 3)
+    for s in per_sample:
+        assert torch.all(s == s[0, 0]) and s[0, 0].item() in (0.0, 2.0)
+    assert torch.equal(drop_path(x, seg, 0.5, training=False), x)
+
+
+def test_merged_mask_rule():
+    m = torch.tensor([[0, 2, 3], [2, 1, 3], [3, 3, 3], [1, 2, 1]])
+    assert merged_mask(m).flatten().tolist() == [0, 1, 3, 1]
+
+
+@pytest.mark.parametrize("s", [2, 3])
+def test_bandset_merge_matches_dense_reference(s):
+    merge = BandsetMerge(8, s)
+    tokens = torch.randn(3, 4, 2, s, 8)
+    mask = torch.randint(0, 4, (3, 4, 2, s))
+    out, mk = merge(tokens, mask)
+    ref, mk_ref = merge.forward_ref(tokens, mask)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(mk, mk_ref) and out.shape == (3, 4, 2, 1, 8) and mk.shape == (3, 4, 2, 1)
+
+
+def test_bandset_merge_mean_pool_weights_give_the_mean():
+    s, d = 3, 6
+    merge = BandsetMerge(d, s)
+    with torch.no_grad():  # the "intended" mean-pool init: block-diagonal I/S, then GELU-free identity path
+        merge.proj[0].weight.copy_(torch.cat([torch.eye(d) / s] * s, dim=1))
+        merge.proj[0].bias.zero_()
+    merge.proj[1] = torch.nn.Identity()
+    merge.proj[2] = torch.nn.Identity()
+    tokens = torch.randn(2, 5, s, d)
+    mask = torch.zeros(2, 5, s, dtype=torch.long)  # every bandset encoded
+    out, mk = merge(tokens, mask)
+    torch.testing.assert_close(out.squeeze(-2), tokens.mean(-2))
+    assert torch.all(mk == MaskValue.ONLINE_ENCODER)
+
+
+def test_bandset_unmerge_shape():
+    un = BandsetUnmerge(8, 3)
+    assert un(torch.randn(2, 4, 1, 8)).shape == (2, 4, 3, 8)
+
+
+def _batch(tok, p=2, hw=3, t=2, b=2):
+    from olmoearth_fast.modalities import MODALITIES
+
+    data, masks = {}, {}
+    for m in MODS:
+        spec = MODALITIES[m]
+        tt = t if spec.is_multitemporal else 1
+        data[m] = torch.randn(b, hw * p, hw * p, tt, spec.num_bands)
+        codes = torch.randint(0, 3, (b, hw, hw, tt, tok.num_bandsets(m)))
+        codes[:, 0, 0, 0, 0] = MaskValue.ONLINE_ENCODER
+        codes[:, 0, 1, 0, 0] = MaskValue.DECODER
+        masks[m] = codes.repeat_interleave(p, 1).repeat_interleave(p, 2)
+    ts = torch.stack([torch.ones(b, t), torch.randint(0, 12, (b, t)), torch.full((b, t), 2020)], -1).long()
+    return data, masks, ts
+
+
+@pytest.mark.parametrize("merge_after", [-1, 0])
+def test_merged_model_forward_backward(merge_after):
+    tok = tokenization_preset("default")
+    model = LatentMIM(ModelConfig(dims=(32, 2, 2, 32, 1, 2, 2.0), modalities=MODS, merge_bandsets=True,
+                                  merge_after_layer=merge_after), tok)
+    data, masks, ts = _batch(tok)
+    layout = model.layout(data, 2)
+    mk = layout.token_masks(masks)
+    out = model(data, ts, mk, layout)
+    # the encoder ran on the merged layout (one token per S2 / Landsat position) ...
+    assert out.encoded.layout.segment("sentinel2_l2a").bs == 1 and out.encoded.layout.segment("landsat").bs == 1
+    # ... and the decoder predicts every DECODER token of the original per-bandset layout
+    assert out.decoded.tokens.shape[0] == int((mk == MaskValue.DECODER).sum())
+    (out.decoded.tokens.square().mean() + out.pooled.square().mean()).backward()
+    for name in ("encoder.bandset_merge.sentinel2_l2a.proj.0.weight", "decoder.bandset_unmerge.landsat.proj.weight"):
+        assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+
+
+def test_band_dropout_only_online_and_training():
+    tok = tokenization_preset("single_bandset")
+    model = LatentMIM(ModelConfig(dims=(32, 1, 2, 32, 1, 2, 2.0), modalities=MODS, band_dropout_rate=0.9), tok)
+    data, masks, ts = _batch(tok)
+    layout = model.layout(data, 2)
+    model.train()
+    a = model.patch_embeddings(data, 2)["sentinel2_l2a"]
+    b = model.patch_embeddings(data, 2)["sentinel2_l2a"]
+    assert not torch.equal(a, b)  # fresh draws per call
+    target = model.target(data, layout)
+    assert torch.equal(target, model.target(data, layout))  # the target never drops bands
+    model.eval()
+    assert torch.equal(model.patch_embeddings(data, 2)["sentinel2_l2a"], model.patch_embeddings(data, 2)["sentinel2_l2a"])
+    assert torch.equal(layout.flatten(model.patch_embeddings(data, 2)), target)  # step 0: same weights
+    assert all(not p.requires_grad for p in model.target_patch_embeddings.parameters())
+
+
+def test_two_views_one_pass_matches_separate_passes():
+    tok = tokenization_preset("single_bandset")
+    model = LatentMIM(ModelConfig(dims=(32, 2, 2, 32, 1, 2, 2.0), modalities=MODS), tok).eval()
+    model.encoder.eval_attend_padding = False  # per-sample attention: views must not interact
+    data, masks_a, ts = _batch(tok)
+    _, masks_b, _ = _batch(tok)
+    layout = model.layout(data, 2)
+    ma, mb = layout.token_masks(masks_a), layout.token_masks(masks_b)
+    both = model(data, ts, torch.cat([ma, mb]), layout)
+    sep = [model(data, ts, m, layout) for m in (ma, mb)]
+    torch.testing.assert_close(both.pooled, torch.cat([s.pooled for s in sep]))
+    torch.testing.assert_close(both.decoded.tokens, torch.cat([s.decoded.tokens for s in sep]))
+
+
+@pytest.mark.parametrize("size", ["nano", "tiny"])
+def test_sizes_build_and_run(size):
+    tok = tokenization_preset("single_bandset")
+    model = LatentMIM(ModelConfig(size=size, modalities=MODS), tok)
+    d = MODEL_SIZES[size][0]
+    data, masks, ts = _batch(tok, b=1)
+    layout = model.layout(data, 2)
+    out = model(data, ts, layout.token_masks(masks), layout)
+    assert out.pooled.shape == (1, d) and out.decoded.tokens.shape[-1] == d
+
+
+def test_unknown_size_error_lists_valid():
+    with pytest.raises(ValueError, match="valid sizes: nano"):
+        LatentMIM(ModelConfig(size="huge", modalities=MODS), tokenization_preset("default"))
+
+
+
+def test_encode_marks_missing_tokens():
+    from olmoearth_fast.model.encoder import mean_pool
+
+    tok = tokenization_preset("single_bandset")
+    model = LatentMIM(ModelConfig(dims=(32, 1, 2, 32, 1, 2, 2.0), modalities=MODS), tok).eval()
+    data, _, ts = _batch(tok, p=2, hw=3)
+    data["sentinel1"][0, :2, :2, 0, 1] = -99999  # top-left pixel of token (0, 0, t=0), one band
+    tokens, pooled = model.encode(data, ts, 2)
+    layout = model.layout(data, 2)
+    n_tokens = layout.seqlen * 2
+    assert tokens.tokens.shape[0] == n_tokens - 1  # everything ONLINE except the missing token
+    assert pooled.shape == (2, 32) and mean_pool(tokens).shape == (2, 32)
