@@ -113,7 +113,7 @@ class _Mod:
         keep_missing = self.miss
         if bool(self.refilled.any()):
             keep_missing = keep_missing & ~self.unit_bcast(self.refilled)
-        return tok.masked_fill_(keep_missing, MISSING)
+        return tok.masked_fill(keep_missing, MISSING)  # out of place: tok may still be an expanded view (h or w == 1)
 
 
 def _fill_by_rank(valid: Tensor, n_enc: Tensor, n_dec: Tensor, gen: torch.Generator) -> Tensor:

@@ -1,0 +1,317 @@
+"""The training loop: microbatches, two views in one pass, loss, optimizer, schedule, logging.
+
+Per rank batch (model_semantics §0, §5.5): split into microbatches; for each, the frozen target
+projection is computed once, both views go through encoder and decoder as one 2B batch, and
+    L = weight · (L_A + L_B) / 2 + InfoNCE_w(pooled_A, pooled_B),   divided by #microbatches,
+with the masked-negatives loss computed in fp32 on the packed DECODER tokens. A non-finite L
+stops the accumulation for this step (the reference `break`s too) and the optimizer still
+steps. Gradients are averaged over ranks after the last microbatch (one all-reduce per step),
+clipped to max_grad_norm, and AdamW steps with linear warmup then cosine decay.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from olmoearth_fast import checkpoint as ckpt
+from olmoearth_fast.config import RunConfig, dumps
+from olmoearth_fast.data.collate import MaskedViews
+from olmoearth_fast.losses import info_nce
+from olmoearth_fast.modalities import LOSS_FIELD_ORDER, MaskValue, as_tokenization
+from olmoearth_fast.model.decoder import gather_targets
+from olmoearth_fast.model.latent_mim import LatentMIM
+from olmoearth_fast.ops.masked_neg_loss import masked_neg_loss
+
+
+def lr_at(step: int, cfg: RunConfig, max_steps: int) -> float:
+    """Linear warmup from 0, then cosine to alpha_f·lr at max_steps (olmo-core CosWithWarmup)."""
+    lr, warm = cfg.optim.lr, cfg.schedule.warmup_steps
+    if step < warm:
+        return lr * step / warm
+    final = cfg.schedule.alpha_f * lr
+    if step >= max_steps:
+        return final
+    progress = (step - warm) / max(1, max_steps - warm)
+    return final + (lr - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class StepStats:
+    loss: float = 0.0
+    patch_disc: float = 0.0
+    infonce: float = 0.0
+    encoded: int = 0
+    decoded: int = 0
+    nonfinite: bool = False
+    per_modality: dict[str, float] = field(default_factory=dict)
+
+
+def microbatch_loss(model: LatentMIM, mb: MaskedViews, cfg: RunConfig, autocast: bool) -> tuple[Tensor, StepStats]:
+    """Loss of one microbatch of V views (not yet divided by the number of microbatches)."""
+    p, b, views = mb.patch_size, mb.batch_size, mb.num_views
+    layout = model.layout(mb.data, p)
+    masks = torch.cat([layout.token_masks(m) for m in mb.masks])  # [V·B, N]
+    with torch.autocast(device_type=masks.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(mb.data, mb.timestamps, masks, layout)
+        target_full = model.target(mb.data, layout)
+    mods = layout.modalities
+    m = len(mods)
+    # DECODER tokens are packed sample-major, modality-major within a sample: segments (v·b, m)
+    dec = (masks == MaskValue.DECODER).float()
+    seg_of_token = torch.nn.functional.one_hot(layout.segment_ids(masks.device), m).float()
+    counts = (dec @ seg_of_token).round().long()  # [V·B, M]
+    seg_offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=masks.device)
+    seg_offsets[1:] = counts.flatten().cumsum(0)
+    view_of_row = torch.arange(views * b, device=masks.device) // b
+    seg_modality = (torch.arange(m, device=masks.device)[None, :] + m * view_of_row[:, None]).flatten()
+    masked = cfg.loss.mask_negatives_for_modalities
+    flags = torch.tensor([masked is None or mod in masked for mod in mods], device=masks.device)
+    seg_mask_neg = flags.repeat(views * b)
+    targets = gather_targets(target_full, out.decoded.index, b)
+    per = masked_neg_loss(out.decoded.tokens, targets, seg_offsets, seg_modality.int(), seg_mask_neg, views * m,
+                          tau=cfg.loss.tau, same_target_threshold=cfg.loss.same_target_threshold).view(views, m)
+    patch_disc = cfg.loss.weight * per.sum(1).mean()  # Σ over modalities, mean over views
+    infonce = (info_nce(out.pooled[:b], out.pooled[b:2 * b], tau=cfg.loss.infonce_tau, weight=cfg.loss.infonce_weight)
+               if views == 2 else patch_disc.new_zeros(()))
+    loss = patch_disc + infonce
+    stats = StepStats(encoded=out.encoded.tokens.shape[0], decoded=out.decoded.tokens.shape[0],
+                      per_modality={mod: float(per[:, i].detach().mean()) for i, mod in enumerate(mods)})
+    stats.patch_disc, stats.infonce = float(patch_disc), float(infonce)
+    return loss, stats
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, loader, model: LatentMIM, device: torch.device, run_dir: str,
+                 rank: int = 0, world_size: int = 1, log=print):
+        self.cfg, self.loader, self.model, self.device = cfg, loader, model, device
+        self.rank, self.world_size, self.log = rank, world_size, log
+        self.run_dir = run_dir
+        if cfg.trainer.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"trainer.precision must be auto, bf16 or fp32, got {cfg.trainer.precision!r}")
+        self.autocast = device.type == "cuda" and cfg.trainer.precision in ("auto", "bf16")
+        if cfg.trainer.precision == "bf16" and device.type != "cuda":
+            raise ValueError("trainer.precision=bf16 needs CUDA; use fp32 (or auto) on CPU")
+        fused = cfg.optim.fused if cfg.optim.fused is not None else device.type == "cuda"
+        params = [p for p in model.parameters() if p.requires_grad]
+        # one parameter group, weight decay on every parameter (as the reference's AdamW config)
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                           weight_decay=cfg.optim.weight_decay, fused=fused)
+        self.step = 0
+        steps_per_epoch = len(loader)
+        self.max_steps = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
+        self.history: list[dict] = []
+        self._stop_signal: int | None = None
+        self.wandb = None
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "history": self.history,
+                "config": dumps(self.cfg)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+        self.history = list(state.get("history", []))
+
+    # ------------------------------------------------------------------------------ loop
+    def _handle_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def _allreduce_grads(self) -> None:
+        if self.world_size == 1:
+            return
+        grads = []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(reduced)
+
+    def train_step(self, batch: MaskedViews) -> tuple[StepStats, float]:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = batch.microbatches(self.cfg.data.rank_microbatch_size)
+        total = StepStats()
+        for mb in micro:
+            mb = mb.to(self.device, non_blocking=True)
+            loss, stats = microbatch_loss(self.model, mb, self.cfg, self.autocast)
+            if not torch.isfinite(loss):
+                total.nonfinite = True
+                self.log(f"warning: non-finite loss at step {self.step}; skipping the remaining microbatches")
+                break
+            (loss / len(micro)).backward()
+            total.loss += float(loss) / len(micro)
+            total.patch_disc += stats.patch_disc / len(micro)
+            total.infonce += stats.infonce / len(micro)
+            total.encoded += stats.encoded
+            total.decoded += stats.decoded
+            for k, v in stats.per_modality.items():
+                total.per_modality[k] = total.per_modality.get(k, 0.0) + v / len(micro)
+        self._allreduce_grads()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
+        lr = lr_at(self.step, self.cfg, self.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.step += 1
+        return total, grad_norm
+
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.wandb = ckpt.start_wandb(cfg, self.run_dir) if self.rank == 0 else None
+        t_start, samples = time.perf_counter(), 0
+        try:
+            while self.step < self.max_steps:
+                for batch in self.loader:
+                    t0 = time.perf_counter()
+                    stats, grad_norm = self.train_step(batch)
+                    dt = time.perf_counter() - t0
+                    samples += batch.batch_size * self.world_size
+                    self._log_step(stats, grad_norm, dt, batch, t_start)
+                    if self.step % cfg.checkpoint.save_every == 0 or self.step >= self.max_steps \
+                            or self._stop_signal is not None:
+                        self.save()
+                    if self._stop_signal is not None:
+                        self.log(f"received signal {self._stop_signal}: checkpoint written at step {self.step}")
+                        return self.history
+                    if self.step >= self.max_steps:
+                        break
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            if self.wandb is not None:
+                self.wandb.finish()
+        if self.rank == 0:
+            elapsed = time.perf_counter() - t_start
+            self.log(f"done: {self.step} steps, {samples} samples in {elapsed:.1f}s "
+                     f"({samples / max(elapsed, 1e-9):.1f} samples/s); final loss {self.history[-1]['loss']:.4f}"
+                     if self.history else "done: no step taken")
+        return self.history
+
+    def save(self) -> None:
+        if self.rank == 0:
+            path = ckpt.save_checkpoint(self.state_dict(), self.run_dir, self.step, keep_last=self.cfg.checkpoint.keep_last)
+            self.log(f"checkpoint: {path}")
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _log_step(self, s: StepStats, grad_norm: float, dt: float, batch: MaskedViews, t_start: float) -> None:
+        n = batch.batch_size * self.world_size
+        rec = {"step": self.step, "loss": s.loss, "patch_disc": s.patch_disc, "infonce": s.infonce,
+               "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": n / dt,
+               "encoded_tok_per_s": s.encoded * self.world_size / dt, "decoded_tok_per_s": s.decoded * self.world_size / dt,
+               "patch_size": batch.patch_size, "hw_p": batch.hw_p, "step_time": dt}
+        if self.device.type == "cuda":
+            rec["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.history.append(rec)
+        if self.rank != 0:
+            return
+        if self.wandb is not None:
+            self.wandb.log({**rec, **{f"loss/{k}": v for k, v in s.per_modality.items()}}, step=self.step)
+        if self.step % self.cfg.trainer.log_every and self.step != self.max_steps:
+            return
+        elapsed = time.perf_counter() - t_start
+        done = len(self.history)
+        eta = elapsed / done * (self.max_steps - self.step) if done else 0.0
+        width = len(str(self.max_steps))
+        mem = f" | mem {rec['mem_gib']:.2f} GiB" if "mem_gib" in rec else ""
+        self.log(f"step {self.step:>{width}}/{self.max_steps} | loss {s.loss:.4f} | infonce {s.infonce:.4f} "
+                 f"| gnorm {grad_norm:.3f} | lr {rec['lr']:.2e} | {rec['samples_per_s']:.1f} samples/s "
+                 f"| enc {rec['encoded_tok_per_s'] / 1e3:.1f}k tok/s | dec {rec['decoded_tok_per_s'] / 1e3:.1f}k tok/s"
+                 f"{mem} | p={batch.patch_size} hw={batch.hw_p} | eta {_fmt_time(eta)}")
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> LatentMIM:
+    torch.manual_seed(cfg.trainer.init_seed)
+    model = LatentMIM(cfg.model, as_tokenization(cfg.data.tokenization)).to(device)
+    return model
+
+
+def check_dataset_modalities(dataset, modalities: tuple[str, ...]) -> None:
+    """A clear error when the dataset holds none of some modality the experiment trains on."""
+    from olmoearth_fast.data.h5 import read_metadata
+
+    meta = read_metadata(dataset.root)
+    if meta is None:
+        return
+    absent = [m for m in modalities if m not in meta.columns or int(meta[m].sum()) == 0]
+    if absent:
+        have = [m for m in LOSS_FIELD_ORDER if m in meta.columns and int(meta[m].sum()) > 0]
+        raise ValueError(f"dataset {dataset.root} has no sample with {absent} (it has {have}); the experiment trains "
+                         f"on {list(modalities)}. Choose another dataset or set model.modalities.")
+
+
+
+def build_loader(cfg: RunConfig, rank: int, world_size: int, run_dir: str):
+    from olmoearth_fast.data.demo import ensure_demo_dataset
+    from olmoearth_fast.data.loader import OlmoEarthLoader
+
+    d = cfg.data
+    dataset = d.dataset
+    if dataset is None:
+        # the embedded demo dataset, generated once next to the runs (a few seconds)
+        root = os.path.join(os.path.dirname(run_dir.rstrip("/")) or ".", "demo_data")
+        if rank == 0:
+            ensure_demo_dataset(root, num_samples=d.demo_samples)
+        if world_size > 1:
+            dist.barrier()
+        dataset = root
+    elif not os.path.isdir(dataset):
+        raise FileNotFoundError(f"data.dataset={dataset!r} is not a directory (expected sample_*.h5 files "
+                                f"in the reference layout)")
+    return OlmoEarthLoader(dataset, d.global_batch_size, seed=d.seed, rank=rank, world_size=world_size,
+                           num_workers=d.num_workers, patch_sizes=d.patch_sizes, hw_p_list=d.hw_p_list,
+                           token_budget=d.token_budget, masking=cfg.masking, tokenization=d.tokenization,
+                           num_views=d.num_views, budget_tokenization=d.budget_tokenization,
+                           skip_corrupt=d.skip_corrupt, training_modalities=cfg.model.modalities)
+
+
+def plot_history(history: list[dict], run_dir: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot(steps, [h["loss"] for h in history], label="total")
+    ax[0].plot(steps, [h["patch_disc"] for h in history], label="patch discrimination", alpha=0.7)
+    ax[0].set_xlabel("step")
+    ax[0].set_title("loss")
+    ax[0].legend()
+    ax[1].plot(steps, [h["infonce"] for h in history], color="tab:green")
+    ax[1].set_xlabel("step")
+    ax[1].set_title("InfoNCE (weighted)")
+    fig.tight_layout()
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "loss_curve.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
