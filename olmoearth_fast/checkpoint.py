@@ -179,14 +179,53 @@ def load_checkpoint(path_or_dir: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def export_reference(model: nn.Module, cfg_json: str, out_dir: str) -> None:
-    """Write ``config.json`` (our run config) and ``weights.pth`` (reference-layout state_dict)."""
+def reference_model_config(cfg) -> dict:
+    """The reference's olmo-core config dict (``config.json["model"]``) of ``cfg.model``.
+
+    It names the reference's classes (``_CLASS_``) and the fields that differ from their
+    defaults, Feb-style (Conv2d patch embeddings), so `olmoearth_pretrain.model_loader` builds
+    the same architecture. Bandset merging has no counterpart in the released reference.
+    """
+    from olmoearth_fast.model.latent_mim import MODEL_SIZES
+    from olmoearth_fast.modalities import as_tokenization
+
+    m = cfg.model
+    if m.merge_bandsets:
+        raise ValueError("bandset-merge models (exps 9, 10, 12) cannot be exported: the reference package has "
+                         "no BandsetMerge (it was removed on 2026-02-20)")
+    d, depth, heads, dd, ddepth, dheads, mlp = m.dims or MODEL_SIZES[m.size]
+    tok = as_tokenization(cfg.data.tokenization)
+    tok_cfg = {"overrides": {name: {"band_groups": [list(g) for g in tok.band_groups(name)],
+                                    "_CLASS_": "olmoearth_pretrain.nn.tokenization.ModalityTokenization"}
+                             for name in m.modalities},
+               "_CLASS_": "olmoearth_pretrain.nn.tokenization.TokenizationConfig"}
+    mods = list(m.modalities)
+    encoder = {"supported_modality_names": mods, "embedding_size": d, "max_patch_size": 8, "num_heads": heads,
+               "mlp_ratio": mlp, "depth": depth, "drop_path": m.drop_path, "max_sequence_length": 12,
+               "use_linear_patch_embed": False, "tokenization_config": tok_cfg,
+               "band_dropout_rate": m.band_dropout_rate, "random_band_dropout": m.random_band_dropout,
+               "_CLASS_": "olmoearth_pretrain.nn.flexi_vit.EncoderConfig"}
+    decoder = {"supported_modality_names": mods, "encoder_embedding_size": d, "decoder_embedding_size": dd,
+               "depth": ddepth, "mlp_ratio": mlp, "num_heads": dheads, "max_sequence_length": 12,
+               "drop_path": m.decoder_drop_path, "tokenization_config": tok_cfg,
+               "_CLASS_": "olmoearth_pretrain.nn.flexi_vit.PredictorConfig"}
+    return {"encoder_config": encoder, "decoder_config": decoder,
+            "_CLASS_": "olmoearth_pretrain.nn.latent_mim.LatentMIMConfig"}
+
+
+def export_reference(model: nn.Module, cfg, out_dir: str) -> None:
+    """Write ``config.json`` and ``weights.pth`` that `olmoearth_pretrain.model_loader.
+    load_model_from_path(out_dir)` loads; our run config rides along under "olmoearth_fast"."""
+    import json
     import os
 
+    from olmoearth_fast.config import to_dict
+
+    config = {"model": reference_model_config(cfg), "olmoearth_fast": to_dict(cfg)}
     os.makedirs(out_dir, exist_ok=True)
     _atomic_save(export_reference_state_dict(model), os.path.join(out_dir, "weights.pth"))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        f.write(cfg_json)
+        json.dump(config, f, indent=1)
 
 
 # ---------------------------------------------------------------------------------------------

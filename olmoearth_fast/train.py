@@ -26,6 +26,8 @@ def parse(argv=None):
     ap.add_argument("--demo", action="store_true", help="nano model, demo dataset, a few minutes on CPU")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    ap.add_argument("--export", metavar="DIR", help="write the run's latest checkpoint in the reference layout "
+                    "(config.json + weights.pth for olmoearth_pretrain.model_loader) to DIR and exit")
     args, rest = ap.parse_known_args(argv)
     if args.experiment is not None and "=" in args.experiment:  # `--demo a.b=c`: an override, not a name
         rest.insert(0, args.experiment)
@@ -59,6 +61,12 @@ def main(argv=None) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     log = print if rank == 0 else (lambda *a, **k: None)
     run_dir = cfg.checkpoint.dir.format(run_name=cfg.logging.run_name or cfg.name)
+    if args.export:
+        model = build_model(cfg, torch.device("cpu"))
+        model.load_state_dict(ckpt.load_checkpoint(run_dir)["model"], strict=True)
+        ckpt.export_reference(model, cfg, args.export)
+        log(f"exported {run_dir} to {args.export}")
+        return
 
     loader = build_loader(cfg, rank, world_size, run_dir)
     check_dataset_modalities(loader.dataset, cfg.model.modalities)

@@ -223,6 +223,10 @@ class Trainer:
                "patch_size": batch.patch_size, "hw_p": batch.hw_p, "step_time": dt}
         if self.device.type == "cuda":
             rec["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:  # peak resident set size of the process (ru_maxrss is in KiB on Linux)
+            import resource
+
+            rec["mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         self.history.append(rec)
         if self.rank != 0:
             return
@@ -234,7 +238,7 @@ class Trainer:
         done = len(self.history)
         eta = elapsed / done * (self.max_steps - self.step) if done else 0.0
         width = len(str(self.max_steps))
-        mem = f" | mem {rec['mem_gib']:.2f} GiB" if "mem_gib" in rec else ""
+        mem = f" | mem {rec['mem_gib']:.2f} GiB"
         self.log(f"step {self.step:>{width}}/{self.max_steps} | loss {s.loss:.4f} | infonce {s.infonce:.4f} "
                  f"| gnorm {grad_norm:.3f} | lr {rec['lr']:.2e} | {rec['samples_per_s']:.1f} samples/s "
                  f"| enc {rec['encoded_tok_per_s'] / 1e3:.1f}k tok/s | dec {rec['decoded_tok_per_s'] / 1e3:.1f}k tok/s"

@@ -174,3 +174,74 @@ def test_torchrun_two_ranks_equals_one_process(dataset, tmp_path):
     assert moved, "training did not change the parameters"
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_wandb_offline_and_resumed_run_id(dataset, tmp_path, monkeypatch):
+    import types
+
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.util = types.SimpleNamespace(generate_id=lambda: "run123")
+
+    class Run:
+        def log(self, rec, step):
+            calls.append(("log", step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kw):
+        calls.append(("init", kw["id"], kw["mode"], kw["resume"]))
+        return Run()
+
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = tmp_path / "run"
+    for steps in (1, 2):
+        cfg = _cfg("exp1", run, dataset, f"trainer.max_steps={steps}", "logging.wandb=True")
+        tr = _trainer(cfg, run)
+        if steps == 2:
+            tr.load_state_dict(ckpt.load_checkpoint(str(run)))
+        tr.fit()
+    inits = [c for c in calls if c[0] == "init"]
+    assert inits == [("init", "run123", "offline", "allow")] * 2  # same run id after resume, offline
+    assert ("log", 1) in calls and ("log", 2) in calls and calls[-1] == ("finish",)
+    cfg = _cfg("exp1", tmp_path / "off", dataset, "trainer.max_steps=1", "logging.wandb=False")
+    calls.clear()
+    _trainer(cfg, tmp_path / "off").fit()
+    assert calls == []
+
+
+def test_clear_errors(dataset, tmp_path):
+    cfg = _cfg("exp1", tmp_path / "run", tmp_path / "nope", "trainer.max_steps=1")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        build_loader(cfg, 0, 1, str(tmp_path / "run"))
+    from olmoearth_fast.trainer import check_dataset_modalities
+
+    cfg = _cfg("exp7", tmp_path / "run", dataset, "trainer.max_steps=1")
+    loader = build_loader(cfg, 0, 1, str(tmp_path / "run"))
+    only_s2 = tmp_path / "only_s2"
+    from olmoearth_fast.data.demo import ensure_demo_dataset
+
+    ensure_demo_dataset(only_s2, num_samples=8, tile_size=16, modalities=("sentinel2_l2a",))
+    loader.dataset.root = only_s2
+    with pytest.raises(ValueError, match="has no sample with"):
+        check_dataset_modalities(loader.dataset, cfg.model.modalities)
+
+
+def test_export_cli_writes_reference_layout(dataset, tmp_path):
+    from olmoearth_fast.train import main
+
+    run = tmp_path / "run"
+    cfg = _cfg("exp14", run, dataset, "trainer.max_steps=1")
+    tr = _trainer(cfg, run)
+    tr.fit()
+    out = tmp_path / "export"
+    main(["exp14", "--demo", f"checkpoint.dir={run}", "--export", str(out)])
+    assert sorted(os.listdir(out)) == ["config.json", "weights.pth"]
+    loader = pytest.importorskip("olmoearth_pretrain.model_loader")
+    ref = loader.load_model_from_path(str(out))
+    exported = ckpt.export_reference_state_dict(tr.model)
+    assert ckpt.checkpoint_tensors_equal(ref.state_dict(), exported) == []

@@ -168,3 +168,26 @@ def test_model_sizes_match_reference():
         assert MODEL_SIZES[name] == (a["encoder_embedding_size"], a["encoder_depth"], a["encoder_num_heads"],
                                      a["decoder_embedding_size"], a["decoder_depth"], a["decoder_num_heads"],
                                      a["mlp_ratio"]), name
+
+
+def test_export_loads_in_reference_package(tmp_path):
+    """`export_reference` writes what `olmoearth_pretrain.model_loader.load_model_from_path` loads."""
+    loader = pytest.importorskip("olmoearth_pretrain.model_loader")
+    from olmoearth_fast import experiments
+    from olmoearth_fast.checkpoint import export_reference
+    from olmoearth_fast.config import apply_overrides
+    from olmoearth_fast.trainer import build_model
+
+    cfg = apply_overrides(experiments.get("exp14"), ["model.size=nano"])
+    ours = build_model(cfg, torch.device("cpu"))
+    with torch.no_grad():  # make every tensor distinguishable from a fresh init
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    export_reference(ours, cfg, str(tmp_path))
+    ref = loader.load_model_from_path(str(tmp_path))
+    assert type(ref).__name__ == "LatentMIM"
+    exported = export_reference_state_dict(ours)
+    assert checkpoint_tensors_equal(ref.state_dict(), exported) == []
+    back = build_model(cfg, torch.device("cpu"))
+    import_reference_state_dict(back, ref.state_dict())
+    assert checkpoint_tensors_equal(back.state_dict(), ours.state_dict()) == []
