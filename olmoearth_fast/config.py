@@ -112,6 +112,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic EuroSAT kNN during training (off unless a dataset is given)."""
+
+    knn_dataset: str | None = None  # GEO-Bench m-eurosat or torchgeo EuroSATallBands directory
+    every: int = 4000  # steps (the reference's m-eurosat interval)
+    patch_size: int = 4
+    batch_size: int = 128
+    max_samples: int | None = None  # per split, for a quicker in-loop check
+
+
+@dataclass
 class RunConfig:
     name: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -123,6 +134,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------

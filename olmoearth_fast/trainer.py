@@ -85,7 +85,7 @@ def microbatch_loss(model: LatentMIM, mb: MaskedViews, cfg: RunConfig, autocast:
     loss = patch_disc + infonce
     stats = StepStats(encoded=out.encoded.tokens.shape[0], decoded=out.decoded.tokens.shape[0],
                       per_modality={mod: float(per[:, i].detach().mean()) for i, mod in enumerate(mods)})
-    stats.patch_disc, stats.infonce = float(patch_disc), float(infonce)
+    stats.patch_disc, stats.infonce = float(patch_disc.detach()), float(infonce.detach())
     return loss, stats
 
 
@@ -111,6 +111,12 @@ class Trainer:
         self.history: list[dict] = []
         self._stop_signal: int | None = None
         self.wandb = None
+        self._knn_dataset = None
+        if cfg.eval.knn_dataset:
+            from olmoearth_fast.eval import load_eurosat
+
+            # opened here so that a wrong path fails at start-up, not after hours of training
+            self._knn_dataset = load_eurosat(cfg.eval.knn_dataset, splits=("train", "valid"))
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -158,7 +164,7 @@ class Trainer:
                 self.log(f"warning: non-finite loss at step {self.step}; skipping the remaining microbatches")
                 break
             (loss / len(micro)).backward()
-            total.loss += float(loss) / len(micro)
+            total.loss += float(loss.detach()) / len(micro)
             total.patch_disc += stats.patch_disc / len(micro)
             total.infonce += stats.infonce / len(micro)
             total.encoded += stats.encoded
@@ -188,6 +194,8 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     samples += batch.batch_size * self.world_size
                     self._log_step(stats, grad_norm, dt, batch, t_start)
+                    if self._knn_dataset is not None and self.step % cfg.eval.every == 0:
+                        self.evaluate()
                     if self.step % cfg.checkpoint.save_every == 0 or self.step >= self.max_steps \
                             or self._stop_signal is not None:
                         self.save()
@@ -207,6 +215,23 @@ class Trainer:
                      f"({samples / max(elapsed, 1e-9):.1f} samples/s); final loss {self.history[-1]['loss']:.4f}"
                      if self.history else "done: no step taken")
         return self.history
+
+    def evaluate(self) -> dict[str, float] | None:
+        """EuroSAT kNN on rank 0 (no RNG use, train mode restored: resume stays exact)."""
+        metrics = None
+        if self.rank == 0:
+            from olmoearth_fast.eval import evaluate_knn
+
+            e = self.cfg.eval
+            metrics = evaluate_knn(self.model, self._knn_dataset, patch_size=e.patch_size, batch_size=e.batch_size,
+                                   max_samples=e.max_samples)
+            self.log("eval: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            self.history[-1].update(metrics)
+            if self.wandb is not None:
+                self.wandb.log(metrics, step=self.step)
+        if self.world_size > 1:
+            dist.barrier()
+        return metrics
 
     def save(self) -> None:
         if self.rank == 0:
