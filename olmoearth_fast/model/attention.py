@@ -5,9 +5,13 @@ sample ends. Backends, picked per call:
 
 * CUDA, bf16/fp16, ``torch.nn.attention.varlen`` present (torch ≥ 2.10): ``varlen_attn`` on the
   packed tensors, cost Σ len², no padding, no host sync (max lengths are static upper bounds).
-* otherwise (CPU, fp32): the segments are laid out padded to the longest one, ``[B, L]``, and
-  SDPA runs with a key-padding mask. Cost B·L² — with the token budget the lengths are close, so
-  this is near Σ len², and never the (Σ len)² of one block-diagonal mask over the whole batch.
+* CPU: SDPA per segment (one batched call when every segment has the same length), cost Σ len²
+  and no mask. At B=32, lengths 250–500, H=8, hd=16 (nano) this is 1.8× faster forward+backward
+  than one padded [B, L] SDPA with a key-padding mask (54 vs 99 ms, 2-core CPU).
+* CUDA without a varlen kernel (fp32, old torch): segments padded to the longest one, ``[B, L]``,
+  SDPA with a key-padding mask (no host sync). Cost B·L²; with the token budget the lengths are
+  close, so near Σ len².
+Never the (Σ len)² of one block-diagonal mask over the whole batch.
 
 Block = pre-norm attention (separate q/k/v Linear with bias) + GELU MLP, each branch with
 per-sample DropPath (one Bernoulli per sample and branch, same rate in every block).
@@ -42,6 +46,7 @@ class Segments:
     sample_ids: Tensor
     max_len: int
     _pad: tuple[Tensor, Tensor, Tensor] | None = None
+    _host: list[int] | None = None
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: Tensor, total: int, max_len: int) -> Segments:
@@ -53,6 +58,12 @@ class Segments:
     @property
     def batch(self) -> int:
         return self.cu_seqlens.shape[0] - 1
+
+    def host(self) -> list[int]:
+        """cu_seqlens as Python ints (a device sync on CUDA; free on CPU), cached."""
+        if self._host is None:
+            self._host = self.cu_seqlens.tolist()
+        return self._host
 
     def padded(self) -> tuple[Tensor, Tensor, Tensor]:
         """(pad_index [B·L], unpad_index [total], key_valid [B, L]) for L = max_len.
@@ -77,7 +88,7 @@ def _use_varlen(x: Tensor) -> bool:
     return _varlen_attn is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
-def _padded_sdpa(q: Tensor, k: Tensor, v: Tensor, q_seg: Segments, k_seg: Segments, mask_keys: bool) -> Tensor:
+def _padded_sdpa(q: Tensor, k: Tensor, v: Tensor, q_seg: Segments, k_seg: Segments) -> Tensor:
     """q [Tq, H, hd], k/v [Tk, H, hd] → [Tq, H, hd] through a padded [B, H, L, hd] SDPA."""
     q_pad, q_unpad, _ = q_seg.padded()
     k_pad, _, k_valid = k_seg.padded()
@@ -86,15 +97,40 @@ def _padded_sdpa(q: Tensor, k: Tensor, v: Tensor, q_seg: Segments, k_seg: Segmen
     qp = gather_rows(q.reshape(q.shape[0], -1), q_pad).view(b, -1, h, hd).transpose(1, 2)
     kp = gather_rows(k.reshape(k.shape[0], -1), k_pad).view(b, -1, h, hd).transpose(1, 2)
     vp = gather_rows(v.reshape(v.shape[0], -1), k_pad).view(b, -1, h, hd).transpose(1, 2)
-    mask = None
-    if mask_keys:
-        # a sample without keys would give NaN rows (all −inf); let it see one zero key instead:
-        # its queries are padding or meaningless, and NaN must not reach the gradients
-        valid = k_valid.clone()
-        valid[:, 0] |= ~k_valid.any(1)
-        mask = valid[:, None, None, :]
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)
+    # a sample without keys would give NaN rows (all −inf); let it see one zero key instead:
+    # its queries are padding or meaningless, and NaN must not reach the gradients
+    valid = k_valid.clone()
+    valid[:, 0] |= ~k_valid.any(1)
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=valid[:, None, None, :])
     return gather_rows(out.transpose(1, 2).reshape(-1, h * hd), q_unpad).view(-1, h, hd)
+
+
+def _segment_sdpa(q: Tensor, k: Tensor, v: Tensor, q_seg: Segments, k_seg: Segments) -> Tensor:
+    """q [Tq, H, hd], k/v [Tk, H, hd] → [Tq, H, hd]: attention within each sample's segment."""
+    qc, kc = q_seg.host(), k_seg.host()
+    b = len(qc) - 1
+    q_len = {qc[i + 1] - qc[i] for i in range(b)}
+    k_len = {kc[i + 1] - kc[i] for i in range(b)}
+    if len(q_len) == 1 and len(k_len) == 1 and min(k_len) > 0:
+        # equal lengths (e.g. eval batches without masking): one batched call
+        h, hd = q.shape[1], q.shape[2]
+        qb, kb, vb = (t.reshape(b, -1, h, hd).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(q.shape)
+    # split, not slicing: split's backward is one cat, slicing's is a full-size zero fill per slice
+    q_parts = q.split([qc[i + 1] - qc[i] for i in range(b)])
+    k_parts = k.split([kc[i + 1] - kc[i] for i in range(b)])
+    v_parts = v.split([kc[i + 1] - kc[i] for i in range(b)])
+    outs = []
+    for qi, ki, vi in zip(q_parts, k_parts, v_parts):
+        if qi.shape[0] == 0:
+            continue
+        if ki.shape[0] == 0:  # no context for this sample: zero output (the reference gives NaN)
+            outs.append(torch.zeros_like(qi))
+            continue
+        # 4-D [1, H, n, hd]: CPU SDPA takes its flash kernel only for 4-D inputs (3-D → math)
+        qi, ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in (qi, ki, vi))
+        outs.append(F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1))
+    return torch.cat(outs) if outs else torch.zeros_like(q)
 
 
 class Attention(nn.Module):
@@ -110,8 +146,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, x_seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None,
-                mask_keys: bool = True) -> Tensor:
+    def forward(self, x: Tensor, x_seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None) -> Tensor:
         y, y_seg = (x, x_seg) if y is None else (y, y_seg)
         h = self.num_heads
         q = self.q(x).unflatten(-1, (h, -1))
@@ -119,8 +154,10 @@ class Attention(nn.Module):
         v = self.v(y).unflatten(-1, (h, -1))
         if _use_varlen(q):
             out = _varlen_attn(q, k, v, x_seg.cu_seqlens, y_seg.cu_seqlens, x_seg.max_len, y_seg.max_len)
+        elif q.is_cuda:
+            out = _padded_sdpa(q, k, v, x_seg, y_seg)
         else:
-            out = _padded_sdpa(q, k, v, x_seg, y_seg, mask_keys)
+            out = _segment_sdpa(q, k, v, x_seg, y_seg)
         return self.proj(out.flatten(-2))
 
 
@@ -154,9 +191,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x: Tensor, seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None,
-                mask_keys: bool = True) -> Tensor:
-        x = x + drop_path(self.attn(self.norm1(x), seg, y, y_seg, mask_keys), seg, self.drop_path, self.training)
+    def forward(self, x: Tensor, seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None) -> Tensor:
+        x = x + drop_path(self.attn(self.norm1(x), seg, y, y_seg), seg, self.drop_path, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), seg, self.drop_path, self.training)
 
 
