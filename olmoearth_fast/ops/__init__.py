@@ -3,3 +3,22 @@ reference by device: `ops.packing` (pack, unpack, merge indexing), `ops.patch_em
 `ops.masked_neg_loss`. (Functions are not re-exported here: `patch_embed` and
 `masked_neg_loss` would shadow their modules.)
 """
+
+import os
+
+KERNELS_ENV = "OLMOEARTH_FAST_KERNELS"
+_KERNEL_CHOICES = ("auto", "triton", "pytorch")
+
+
+def forced_kernels() -> str | None:
+    """What ``OLMOEARTH_FAST_KERNELS`` makes the ops' ``impl="auto"`` pick, or None (by device).
+
+    ``auto`` (or unset): Triton on CUDA, PyTorch on CPU. ``triton``: the Triton kernels
+    everywhere (on CPU they need TRITON_INTERPRET=1: slow, for tests). ``pytorch``: the PyTorch
+    paths everywhere (the reference patch embedding, the chunked loss), e.g. to bisect a
+    difference on a GPU. Read at every call, so a test or a shell can switch it.
+    """
+    value = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if value not in _KERNEL_CHOICES:
+        raise ValueError(f"{KERNELS_ENV}={os.environ[KERNELS_ENV]!r}: expected one of {', '.join(_KERNEL_CHOICES)}")
+    return None if value == "auto" else value

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from olmoearth_fast.losses import loss_modalities
+from olmoearth_fast.ops import forced_kernels
 from olmoearth_fast.modalities import MaskValue
 
 DECODER = int(MaskValue.DECODER)  # a plain int: torch.compile traces `tensor == int` cleanly
@@ -269,6 +270,9 @@ def _resolve_impl(impl: str, x: Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
+        forced = forced_kernels()
+        if forced is not None:
+            return "triton" if forced == "triton" else "chunked"
         return "triton" if x.is_cuda else "chunked"
     return impl
 

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from olmoearth_fast.ops import forced_kernels
+
 __all__ = [
     "EffectivePlan",
     "aa_bicubic_matrix",
@@ -534,6 +536,9 @@ def _have_triton() -> bool:
 
 def _resolve_impl(impl: str, x: Tensor) -> str:
     if impl == "auto":
+        forced = forced_kernels()
+        if forced is not None:
+            return "triton" if forced == "triton" and x.dtype in _TRITON_DTYPES else "ref"
         fused = x.device.type == "cuda" and x.dtype in _TRITON_DTYPES and _have_triton()
         return "triton" if fused else "ref"
     if impl == "triton" and x.dtype not in _TRITON_DTYPES:
