@@ -6,7 +6,9 @@ Every benchmark goes through the `bench` fixture:
         bench(fn, group="pack B=32 N=1152 D=768 r=0.25", provider=provider, B=32, ...)
 
 * `fn` is timed with a device synchronisation inside the timed callable (CUDA), so GPU work is
-  never under-counted; inputs are created by the benchmark, never all zeros.
+  never under-counted; inputs are created by the benchmark, never all zeros. On CUDA, before
+  every round (untimed, synchronised) a 256 MiB buffer is overwritten, which evicts the L2
+  cache (50-60 MB on H100/H200), so no round reads its inputs from the previous round's cache.
 * Each record carries provenance (device, torch/triton versions, git SHA, date) and the
   keyword arguments (shapes, dtype) in `extra_info`, so `--benchmark-json` is self-describing.
 * At the end of the session a table prints, per group, every provider's median and its
@@ -61,6 +63,20 @@ def _sync():
         torch.cuda.synchronize()
 
 
+_L2_FLUSH: torch.Tensor | None = None
+
+
+def _flush_l2() -> None:
+    """Evict the GPU's L2 cache (untimed setup of every round); nothing to do on CPU."""
+    global _L2_FLUSH
+    if not ON_GPU:
+        return
+    if _L2_FLUSH is None:
+        _L2_FLUSH = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    _L2_FLUSH.fill_(1)
+    torch.cuda.synchronize()
+
+
 def _peak_memory(fn) -> int | None:
     """Peak bytes allocated by one call (CUDA only: CPU allocators do not report it)."""
     if not ON_GPU:
@@ -93,7 +109,7 @@ def bench(benchmark):
             timed()
             dt = max(time.perf_counter() - t0, 1e-6)
             rounds = int(min(max(1.0 / dt, 3), 200))
-        benchmark.pedantic(timed, rounds=rounds, iterations=1)
+        benchmark.pedantic(timed, setup=_flush_l2, rounds=rounds, iterations=1)
         stats = benchmark.stats.stats
         _RESULTS.append({"group": group, "provider": provider, "median_s": stats.median,
                          "min_s": stats.min, "rounds": rounds, "peak_bytes": peak, **info})
