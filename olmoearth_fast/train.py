@@ -68,7 +68,7 @@ def main(argv=None) -> None:
         log(f"exported {run_dir} to {args.export}")
         return
 
-    loader = build_loader(cfg, rank, world_size, run_dir)
+    loader = build_loader(cfg, rank, world_size, run_dir, pin_memory=device.type == "cuda")
     check_dataset_modalities(loader.dataset, cfg.model.modalities)
     model = build_model(cfg, device)
     trainer = Trainer(cfg, loader, model, device, run_dir, rank, world_size, log)

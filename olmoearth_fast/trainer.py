@@ -298,7 +298,9 @@ def check_dataset_modalities(dataset, modalities: tuple[str, ...]) -> None:
 
 
 
-def build_loader(cfg: RunConfig, rank: int, world_size: int, run_dir: str):
+def build_loader(cfg: RunConfig, rank: int, world_size: int, run_dir: str, pin_memory: bool = False):
+    """The rank's two-view loader; ``pin_memory`` (for CUDA training with workers) page-locks the
+    batches so the trainer's non-blocking host-to-device copy overlaps."""
     from olmoearth_fast.data.demo import ensure_demo_dataset
     from olmoearth_fast.data.loader import OlmoEarthLoader
 
@@ -319,7 +321,8 @@ def build_loader(cfg: RunConfig, rank: int, world_size: int, run_dir: str):
                            num_workers=d.num_workers, patch_sizes=d.patch_sizes, hw_p_list=d.hw_p_list,
                            token_budget=d.token_budget, masking=cfg.masking, tokenization=d.tokenization,
                            num_views=d.num_views, budget_tokenization=d.budget_tokenization,
-                           skip_corrupt=d.skip_corrupt, training_modalities=cfg.model.modalities)
+                           skip_corrupt=d.skip_corrupt, training_modalities=cfg.model.modalities,
+                           pin_memory=pin_memory and d.num_workers > 0)
 
 
 def plot_history(history: list[dict], run_dir: str) -> str:
