@@ -61,8 +61,8 @@ def microbatch_loss(model: LatentMIM, mb: MaskedViews, cfg: RunConfig, autocast:
     layout = model.layout(mb.data, p)
     masks = torch.cat([layout.token_masks(m) for m in mb.masks])  # [V·B, N]
     with torch.autocast(device_type=masks.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(mb.data, mb.timestamps, masks, layout)
-        target_full = model.target(mb.data, layout)
+        out = model(mb.data, mb.timestamps, masks, layout, with_target=True)
+        target_full = out.target
     mods = layout.modalities
     m = len(mods)
     # DECODER tokens are packed sample-major, modality-major within a sample: segments (v·b, m)

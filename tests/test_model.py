@@ -144,6 +144,24 @@ def test_band_dropout_only_online_and_training():
     assert all(not p.requires_grad for p in model.target_patch_embeddings.parameters())
 
 
+def test_forward_with_target_equals_target():
+    """The target computed in the forward's patch-embedding pass (shared resize on CPU) is the
+    frozen projection `target()` computes, and it takes no gradient."""
+    tok = tokenization_preset("single_bandset")
+    model = LatentMIM(ModelConfig(dims=(32, 1, 2, 32, 1, 2, 2.0), modalities=MODS, band_dropout_rate=0.5), tok)
+    data, masks, ts = _batch(tok)
+    layout = model.layout(data, 2)
+    with torch.no_grad():  # perturb the online weights: target and online must not be confused
+        for prm in model.patch_embeddings.parameters():
+            prm.add_(0.1)
+    model.train()
+    codes = torch.cat([layout.token_masks(masks)] * 2)
+    out = model(data, ts, codes, layout, with_target=True)
+    assert torch.equal(out.target, model.target(data, layout))
+    assert not out.target.requires_grad
+    assert model(data, ts, codes, layout).target is None
+
+
 def test_two_views_one_pass_matches_separate_passes():
     tok = tokenization_preset("single_bandset")
     model = LatentMIM(ModelConfig(dims=(32, 2, 2, 32, 1, 2, 2.0), modalities=MODS), tok).eval()

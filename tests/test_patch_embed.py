@@ -25,6 +25,7 @@ from olmoearth_fast.ops.patch_embed import (
     patch_embed,
     patch_embed_abs_scale,
     patch_embed_effective,
+    patch_embed_multi,
     patch_embed_ref,
 )
 
@@ -341,3 +342,38 @@ def test_no_grad_for_data_and_bf16_dtype():
     assert x.grad is None and w.grad is not None  # pixels get no gradient
     out16 = patch_embed(x.detach().bfloat16(), w, b, p, keep, bi, impl="effective")
     assert out16.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("p", range(1, 9))
+def test_multi_shares_the_resize_exactly(p):
+    """Views + target from one resized image equal separate patch_embed calls bit for bit
+    (resize(x*keep) == resize(x)*keep for 0/1 keep), forward and weight/bias gradients."""
+    g = torch.Generator().manual_seed(p)
+    x = torch.randn(3, 2 * p, 3 * p, 2, 7, generator=g)
+    x[0, 0, 1, 0, 3] = MISSING
+    bi = torch.tensor([6, 0, 2, 3])
+    projections = [((torch.randn(8, 4, 8, 8, generator=g) * 0.05).requires_grad_(),
+                    torch.randn(8, generator=g).requires_grad_(), band_dropout_keep(3, 4, 0.5, generator=g))
+                   for _ in range(2)]
+    projections.append((torch.randn(8, 4, 8, 8, generator=g), None, None))  # the frozen target
+    got = patch_embed_multi(x, projections, p, bi)
+    want = [patch_embed(x, w, b, p, k, bi) for w, b, k in projections]
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
+    cot = [torch.randn(a.shape, generator=g) for a in got[:2]]
+    params = [t for w, b, _ in projections[:2] for t in (w, b)]
+    g_got = torch.autograd.grad(sum((a * c).sum() for a, c in zip(got, cot)), params)
+    g_want = torch.autograd.grad(sum((a * c).sum() for a, c in zip(want, cot)), params)
+    for a, e in zip(g_got, g_want):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+    assert not got[2].requires_grad
+
+
+def test_multi_validates_every_projection():
+    x = torch.randn(2, 4, 4, 1, 3)
+    w = torch.randn(5, 3, 8, 8)
+    assert patch_embed_multi(x, [], 2) == []
+    with pytest.raises(ValueError, match="keep must be"):
+        patch_embed_multi(x, [(w, None, None), (w, None, torch.ones(2, 4))], 2)
+    with pytest.raises(ValueError, match="same kernel size"):
+        patch_embed_multi(x, [(w, None, None), (torch.randn(5, 3, 4, 4), None, None)], 2)

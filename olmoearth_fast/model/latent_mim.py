@@ -49,6 +49,7 @@ class ViewOutput:
     encoded: Packed  # ONLINE tokens after the encoder's final LayerNorm
     pooled: Tensor  # [B, D] pooled projection (InfoNCE input)
     decoded: Packed  # predictions at DECODER positions
+    target: Tensor | None = None  # [B, N, D] frozen projection (forward(..., with_target=True))
 
 
 class LatentMIM(nn.Module):
@@ -87,22 +88,31 @@ class LatentMIM(nn.Module):
         """[B, N, D] frozen projection of the full input (identical for every view)."""
         return layout.flatten(self.target_patch_embeddings(data, layout.patch_size))
 
-    def forward(self, data: dict[str, Tensor], timestamps: Tensor, masks: Tensor, layout: TokenLayout) -> ViewOutput:
+    def forward(self, data: dict[str, Tensor], timestamps: Tensor, masks: Tensor, layout: TokenLayout,
+                with_target: bool = False) -> ViewOutput:
         """Encode and decode V views of one batch in a single pass.
 
         ``data`` ({m: [B, ...]}) and ``timestamps`` [B, T, 3] are shared by the views;
         ``masks`` [V·B, N] holds the token codes of the views stacked along the batch.
+        ``with_target`` also returns `target(data, layout)`, computed in the same patch
+        embedding pass (on CPU the views and the target share each bandset's resized image).
         """
         p = layout.patch_size
         b = timestamps.shape[0]
         if masks.shape[0] % b:
             raise ValueError(f"masks has {masks.shape[0]} rows, not a multiple of the batch size {b}")
         views = masks.shape[0] // b
-        tokens = self.patch_embeddings(data, p, num_views=views)
+        target = None
+        if with_target:
+            tokens, target_tokens = self.patch_embeddings(data, p, num_views=views,
+                                                          target=self.target_patch_embeddings)
+            target = layout.flatten(target_tokens).detach()
+        else:
+            tokens = self.patch_embeddings(data, p, num_views=views)
         timestamps = timestamps.repeat(views, 1, 1) if views > 1 else timestamps
         encoded, pooled = self.encoder(tokens, masks, layout, timestamps, p)
         decoded = self.decoder(encoded, layout, masks, timestamps, p)
-        return ViewOutput(encoded, pooled, decoded)
+        return ViewOutput(encoded, pooled, decoded, target)
 
     def encode(self, data: dict[str, Tensor], timestamps: Tensor, patch_size: int,
                masks: Tensor | None = None) -> tuple[Packed, Tensor]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from olmoearth_fast.modalities import MODALITIES, TokenizationConfig
-from olmoearth_fast.ops.patch_embed import band_dropout_keep, patch_embed
+from olmoearth_fast.ops.patch_embed import band_dropout_keep, patch_embed, patch_embed_multi
 
 BASE_PATCH = 8  # the conv kernel is 8×8 at 10 m for every modality used here
 
@@ -69,14 +69,19 @@ class MultiModalPatchEmbeddings(nn.Module):
         xb = x.index_select(-1, idx)
         return embed(xb if keep is None else xb * keep[:, None, :].to(xb.dtype))
 
-    def forward(self, data: dict[str, Tensor], patch_size: int, num_views: int = 1) -> dict[str, Tensor]:
+    def forward(self, data: dict[str, Tensor], patch_size: int, num_views: int = 1,
+                target: MultiModalPatchEmbeddings | None = None):
         """{m: [B,H,W,T,C_all] | [B,T,C_all]} → {m: [V·B,h,w,T,BS,D] | [V·B,T,BS,D]}.
 
         With ``num_views`` V > 1 the views are stacked along the batch. Band dropout is drawn
         per view (one rate per (modality, bandset, view), as the reference's per-view calls do);
         without dropout the tokens are computed once and repeated.
+
+        With ``target`` (a module of the same layout: the frozen target projection, which never
+        drops bands) returns ``(tokens, target_tokens)``, the target's {m: [B,...,BS,D]}
+        computed from the same resized images as the online tokens (`patch_embed_multi`).
         """
-        out = {}
+        out, out_target = {}, {}
         for m in self.modalities:
             if m not in data:
                 continue
@@ -85,14 +90,29 @@ class MultiModalPatchEmbeddings(nn.Module):
                 # the fused kernel computes in its input's dtype: bf16 under autocast, like the
                 # reference's bf16 FSDP compute (missing values are already in the masks)
                 x = x.to(torch.get_autocast_dtype("cuda"))
-            tokens = []
+            tokens, target_tokens = [], []
             for name, embed in self.per_modality_embeddings[m].items():
                 idx = getattr(self, f"bands__{name}")
                 keeps = [self._keep(m, x.shape[0], idx.numel(), x.device) for _ in range(num_views)]
                 if keeps[0] is None:
-                    y = self._embed(m, embed, x, patch_size, None, idx)
-                    tokens.append(y.repeat(num_views, *[1] * (y.dim() - 1)) if num_views > 1 else y)
+                    keeps = keeps[:1]  # computed once, repeated for the views
+                t_embed = None if target is None else target.per_modality_embeddings[m][name]
+                if MODALITIES[m].is_spatial:
+                    projections = [(embed.proj.weight, embed.proj.bias, k) for k in keeps]
+                    if t_embed is not None:
+                        projections.append((t_embed.proj.weight, t_embed.proj.bias, None))
+                    ys = patch_embed_multi(x, projections, patch_size, idx)
                 else:
-                    tokens.append(torch.cat([self._embed(m, embed, x, patch_size, k, idx) for k in keeps]))
+                    ys = [self._embed(m, embed, x, patch_size, k, idx) for k in keeps]
+                    if t_embed is not None:
+                        ys.append(self._embed(m, t_embed, x, patch_size, None, idx))
+                if t_embed is not None:
+                    target_tokens.append(ys.pop())
+                if len(keeps) < num_views:
+                    tokens.append(ys[0].repeat(num_views, *[1] * (ys[0].dim() - 1)))
+                else:
+                    tokens.append(torch.cat(ys) if len(ys) > 1 else ys[0])
             out[m] = torch.stack(tokens, dim=-2)
-        return out
+            if target is not None:
+                out_target[m] = torch.stack(target_tokens, dim=-2)
+        return out if target is None else (out, out_target)

@@ -51,6 +51,7 @@ __all__ = [
     "patch_embed",
     "patch_embed_abs_scale",
     "patch_embed_effective",
+    "patch_embed_multi",
     "patch_embed_ref",
 ]
 
@@ -677,3 +678,40 @@ def patch_embed(
         return patch_embed_ref(x.detach(), weight, bias, patch_size, None if keep is None else keep.detach(),
                                band_index)
     return _patch_embed_op(x, weight, bias, patch_size, keep, band_index, impl)
+
+
+def patch_embed_multi(
+    x: Tensor,
+    projections: list[tuple[Tensor, Tensor | None, Tensor | None]],
+    patch_size: int,
+    band_index: Tensor | None = None,
+) -> list[Tensor]:
+    """Several projections of one bandset: ``[patch_embed(x, w, b, p, keep, band_index) for
+    (w, b, keep) in projections]`` (the online embedding of each view and the frozen target).
+
+    On eager CPU the reference path resizes the gathered image once and multiplies the keep
+    factors in after the resize, instead of resizing x·keep once per projection: the resize is
+    linear per band and keep is 0/1 per (sample, band), so resize(x·keep) = resize(x)·keep
+    exactly (0 · finite = 0, 1 · v = v). Elsewhere (CUDA: the fused kernel reads the pixels
+    directly, nothing to share; torch.compile) it is the plain loop over `patch_embed`.
+    """
+    if not projections:
+        return []
+    for weight, bias, keep in projections:
+        _check_inputs(x, weight, bias, patch_size, keep, band_index)
+    if len(projections) == 1 or _resolve_impl("auto", x) != "ref" or torch.compiler.is_compiling():
+        return [patch_embed(x, w, b, patch_size, k, band_index) for w, b, k in projections]
+    B, T = x.shape[0], x.shape[3]
+    base = projections[0][0].shape[-1]
+    if any(w.shape[-1] != base for w, _, _ in projections):
+        raise ValueError("patch_embed_multi: every weight must have the same kernel size, got "
+                         f"{[tuple(w.shape) for w, _, _ in projections]}")
+    img = _gather_drop_resize(x.detach(), patch_size, base, None, band_index)  # [(B T), C, H', W']
+    out = []
+    for weight, bias, keep in projections:
+        # keep[b, c] on the (b t) rows, as the reference's x * keep before the resize
+        xi = img if keep is None else img * keep.detach().to(img.dtype).repeat_interleave(T, 0)[:, :, None, None]
+        y = F.conv2d(xi, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stride=base)
+        D, h, w = y.shape[1:]
+        out.append(y.reshape(B, T, D, h, w).permute(0, 3, 4, 1, 2).contiguous())
+    return out
