@@ -72,8 +72,10 @@ def _reference_model(cfg):
 class ReferenceStep:
     """The reference's contrastive LatentMIM train_batch, without olmo-core's trainer around it."""
 
-    def __init__(self, model, cfg, vec: bool):
-        self.model, self.cfg = model.to(DEVICE), cfg
+    def __init__(self, model, cfg, vec: bool, device: torch.device | str | None = None):
+        self.device = DEVICE if device is None else torch.device(device)
+        self.on_gpu = self.device.type == "cuda"
+        self.model, self.cfg = model.to(self.device), cfg
         loss_cls = ref_loss.ModalityPatchDiscriminationMaskedNegativesVec if vec \
             else ref_loss.ModalityPatchDiscriminationMaskedNegatives
         self.loss = loss_cls(tau=cfg.loss.tau, same_target_threshold=cfg.loss.same_target_threshold,
@@ -81,7 +83,7 @@ class ReferenceStep:
         self.infonce = ref_loss.InfoNCELoss(tau=cfg.loss.infonce_tau, weight=cfg.loss.infonce_weight)
         params = [p for p in model.parameters() if p.requires_grad]
         self.params = params
-        self.opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=ON_GPU)
+        self.opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=self.on_gpu)
         self.exits = {m: 0 for m in cfg.model.modalities}
 
     def _sample(self, mb, view):
@@ -94,16 +96,16 @@ class ReferenceStep:
         micro = batch.microbatches(self.cfg.data.rank_microbatch_size)
         p = batch.patch_size
         for mb in micro:
-            mb = mb.to(DEVICE)
+            mb = mb.to(self.device)
             losses, pooled = [], []
             for view in (0, 1):
                 sample = self._sample(mb, view)
-                with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=ON_GPU):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
                     _, decoded, pooled_v, _, _ = self.model(sample, patch_size=p)
                     with torch.no_grad():
                         target = self.model.target_encoder(sample.unmask(), patch_size=p,
                                                            token_exit_cfg=self.exits)["tokens_and_masks"]
-                with torch.autocast(DEVICE.type, enabled=False):
+                with torch.autocast(self.device.type, enabled=False):
                     losses.append(self.loss.compute(decoded, target))
                 pooled.append(pooled_v)
             loss = (losses[0] + losses[1]) / 2 + self.infonce.compute(pooled[0], pooled[1])

@@ -1,19 +1,33 @@
 """Train ours and the reference side by side on the same batches and compare the loss curves.
 
-    python scripts/compare_loss_curves.py --steps 100 --size nano [--out curves.json]
+    python scripts/compare_loss_curves.py --steps 100 --size nano [--device auto|cpu|cuda] [--out curves.json]
+    python scripts/compare_loss_curves.py --steps 200 --size base_shallow_decoder --device cuda \\
+        [--batch 64 --micro 32 --patch-size 4 --hw-p 8 --token-budget 2250 --lr 2e-4] [a.b=value ...]
 
 Both start from the same weights (the reference model's random init, imported into ours), see
 the same rank batches (same crops, same two masks per sample) and use the same optimizer,
 schedule and clipping; dropout draws (band dropout, DropPath) are independent, so the curves
 agree within noise, not bit for bit. Prints mean losses over windows of steps.
+
+Both run on one device (`--device`, auto = cuda when available). On CUDA both use bf16 autocast
+with fp32 losses (ours through `Trainer`, the reference as `benchmarks/bench_train_step.py`
+drives it), and the batch defaults to the GPU benchmark's shape (B=64 in microbatches of 32,
+p=4, hw_p=8, token budget 2250, lr 2e-4) instead of the CPU demo's (B=16, p=4, hw_p=4, token
+budget 600, lr 1e-3), which is too small to mean much for a base model on a GPU. Any other
+field: dotted overrides (`optim.lr=...`, `data.global_batch_size=...`) after the options.
+`--time-limit` stops after the step that crosses it and still writes and prints what it has
+(the JSON is also rewritten after every window).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,47 +41,157 @@ from olmoearth_fast.config import apply_overrides  # noqa: E402
 from olmoearth_fast.data.demo import ensure_demo_dataset  # noqa: E402
 from olmoearth_fast.trainer import Trainer, build_loader, build_model, lr_at  # noqa: E402
 
+# (batch, microbatch, patch size, hw_p, token budget, lr) when an option is not given
+CPU_DEFAULTS = (16, 16, 4, 4, 600, 1e-3)  # experiments.demo
+GPU_DEFAULTS = (64, 32, 4, 8, 2250, 2e-4)  # bench_train_step's GPU shape, exp14's token budget
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--size", default="nano")
     ap.add_argument("--window", type=int, default=20)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--batch", type=int, default=None, help="global (= rank) batch size")
+    ap.add_argument("--micro", type=int, default=None, help="rank microbatch size")
+    ap.add_argument("--patch-size", type=int, default=None)
+    ap.add_argument("--hw-p", type=int, default=None, help="crop size in patches")
+    ap.add_argument("--token-budget", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--samples", type=int, default=256, help="demo dataset size")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds; stop after the step that crosses it")
     ap.add_argument("--out", default=None)
     args, overrides = ap.parse_known_args()
-    root = ensure_demo_dataset("runs/demo_data", num_samples=256)
+    device = _device(args.device)
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    given = (args.batch, args.micro, args.patch_size, args.hw_p, args.token_budget, args.lr)
+    batch, micro, p, hw, budget, lr = (d if g is None else g for g, d in zip(given, defaults))
+    micro = min(micro, batch)
+    t_start = time.perf_counter()
+
+    root = ensure_demo_dataset("runs/demo_data" if args.samples == 256 else f"runs/demo_data_{args.samples}",
+                               num_samples=args.samples)
     cfg = experiments.demo(experiments.get("exp14"))
     cfg = apply_overrides(cfg, [f"data.dataset={root}", f"model.size={args.size}", "data.num_workers=0",
-                                f"trainer.max_steps={args.steps}", "checkpoint.dir=runs/compare", *overrides])
+                                f"trainer.max_steps={args.steps}", "checkpoint.dir=runs/compare",
+                                f"data.global_batch_size={batch}", f"data.rank_microbatch_size={micro}",
+                                f"data.patch_sizes=[{p}]", f"data.hw_p_list=[{hw}]", f"data.token_budget={budget}",
+                                f"optim.lr={lr}", *overrides])
+    d = cfg.data
+    setup = {"size": args.size, "device": str(device), "steps": args.steps,
+             "batch": d.global_batch_size, "microbatch": d.rank_microbatch_size, "patch_sizes": list(d.patch_sizes),
+             "hw_p_list": list(d.hw_p_list), "token_budget": d.token_budget, "lr": cfg.optim.lr,
+             "warmup_steps": cfg.schedule.warmup_steps, "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
+             "torch": torch.__version__,
+             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    print("setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()), flush=True)
+
     loader = build_loader(cfg, 0, 1, "runs/compare")
-    batches = [loader.make_batch(1 + s // len(loader), s % len(loader)) for s in range(args.steps)]
     torch.manual_seed(cfg.trainer.init_seed)
     ref_model = _reference_model(cfg)
     ours = build_model(cfg, torch.device("cpu"))
     import_reference_state_dict(ours, ref_model.state_dict())
-    trainer = Trainer(cfg, loader, ours, torch.device("cpu"), "runs/compare", log=lambda *a: None)
-    ref = ReferenceStep(ref_model, cfg, vec=True)
-    curves = {"ours": [], "ref": []}
+    trainer = Trainer(cfg, loader, ours.to(device), device, "runs/compare", log=lambda *a: None)
+    ref = ReferenceStep(ref_model, cfg, vec=True, device=device)
+
+    # rank batches are made on the CPU one step ahead, in a thread, while the device trains; the
+    # batch of step s is the same whatever the device (make_batch(epoch, index) is deterministic)
+    def make(s):
+        return loader.make_batch(1 + s // len(loader), s % len(loader))
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    ahead: deque = deque(pool.submit(make, s) for s in range(min(2, args.steps)))
+    curves: dict[str, list[float]] = {"ours": [], "ref": []}
     times = {"ours": 0.0, "ref": 0.0}
-    for step, batch in enumerate(batches):
+    step_times: dict[str, list[float]] = {"ours": [], "ref": []}
+    peak = {"ours": 0.0, "ref": 0.0}
+    wait_s = 0.0
+    stopped = None
+
+    def timed(name, fn):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        stats, _ = trainer.train_step(batch)
-        times["ours"] += time.perf_counter() - t0
+        value = fn()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        times[name] += dt
+        step_times[name].append(dt)
+        if device.type == "cuda":
+            peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) / 2**30)
+        return value
+
+    def write(final: bool) -> None:
+        if not args.out:
+            return
+        n = len(curves["ref"])
+        result = {**curves, "setup": setup, "steps_done": n, "complete": n == args.steps, "stopped": stopped,
+                  "times_s": times, "step_times_s": step_times, "batch_wait_s": wait_s,
+                  "peak_gib": peak if device.type == "cuda" else None, "final": final}
+        tmp = Path(args.out + ".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(args.out)
+
+    t_loop = time.perf_counter()
+    print(f"start-up {t_loop - t_start:.1f}s; training {args.steps} steps", flush=True)
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        batch = ahead.popleft().result()
+        wait_s += time.perf_counter() - t0
+        if step + 2 < args.steps:
+            ahead.append(pool.submit(make, step + 2))
+        stats, _ = timed("ours", lambda b=batch: trainer.train_step(b))
         curves["ours"].append(stats.loss)
         for g in ref.opt.param_groups:
             g["lr"] = lr_at(step, cfg, args.steps)
-        t0 = time.perf_counter()
-        curves["ref"].append(float(ref(batch).detach()))
-        times["ref"] += time.perf_counter() - t0
+        curves["ref"].append(timed("ref", lambda b=batch: float(ref(b).detach())))
+        done = step + 1
+        if done % args.window == 0 or done == args.steps:
+            w = curves["ours"][-args.window:], curves["ref"][-args.window:]
+            print(f"step {done:>5}/{args.steps}: ours {sum(w[0]) / len(w[0]):.4f}  ref {sum(w[1]) / len(w[1]):.4f}  "
+                  f"| ours {times['ours']:.1f}s ref {times['ref']:.1f}s | {time.perf_counter() - t_start:.0f}s elapsed",
+                  flush=True)
+            write(final=False)
+        if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit and done < args.steps:
+            stopped = f"time limit {args.time_limit:.0f}s reached after {done} of {args.steps} steps"
+            print("STOPPED: " + stopped, flush=True)
+            break
+    for f in ahead:
+        f.cancel()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+    n = len(curves["ref"])
     w = args.window
     print(f"{'steps':>12} {'ours':>8} {'ref':>8}")
-    for s in range(0, args.steps, w):
+    for s in range(0, n, w):
         o = sum(curves["ours"][s:s + w]) / len(curves["ours"][s:s + w])
         r = sum(curves["ref"][s:s + w]) / len(curves["ref"][s:s + w])
-        print(f"{s + 1:>5}-{min(s + w, args.steps):<6} {o:8.4f} {r:8.4f}")
-    print(f"time: ours {times['ours']:.1f}s, ref {times['ref']:.1f}s ({times['ref'] / times['ours']:.2f}x)")
-    if args.out:
-        Path(args.out).write_text(json.dumps(curves))
+        print(f"{s + 1:>5}-{min(s + w, n):<6} {o:8.4f} {r:8.4f}")
+    bad = [k for k, v in curves.items() if any(not math.isfinite(x) for x in v)]
+    if bad:
+        print(f"WARNING: non-finite losses in {', '.join(bad)}")
+    # steady state: without the first window (compilation, autotuning, allocator warm-up)
+    skip = min(w, n - 1) if n > 1 else 0
+    steady = {k: sum(v[skip:]) / max(1, len(v[skip:])) for k, v in step_times.items()}
+    print(f"time: ours {times['ours']:.1f}s, ref {times['ref']:.1f}s ({times['ref'] / max(times['ours'], 1e-9):.2f}x); "
+          f"per step after step {skip}: ours {steady['ours'] * 1e3:.0f} ms, ref {steady['ref'] * 1e3:.0f} ms "
+          f"({steady['ref'] / max(steady['ours'], 1e-9):.2f}x); waited {wait_s:.1f}s for batches")
+    if device.type == "cuda":
+        print(f"peak memory per step: ours {peak['ours']:.2f} GiB, ref {peak['ref']:.2f} GiB (both models resident)")
+    write(final=True)
 
 
 if __name__ == "__main__":

@@ -250,13 +250,14 @@ def test_export_cli_writes_reference_layout(dataset, tmp_path):
 @pytest.mark.parametrize("name", ["exp14", "exp2"])
 def test_train_step_through_triton_kernels(name, dataset, tmp_path, monkeypatch):
     """The model and trainer wired to the fused kernels (OLMOEARTH_FAST_KERNELS=triton; on CPU
-    they run under TRITON_INTERPRET) give the loss and gradients of the PyTorch paths: the
-    integration a GPU session would otherwise be the first to exercise (strides, band gather,
-    dropout multipliers, segment offsets, row maps, autograd wiring)."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    they run under TRITON_INTERPRET; on a GPU compiled, both runs in fp32) give the loss and
+    gradients of the PyTorch paths: the integration a GPU session would otherwise be the first
+    to exercise (strides, band gather, dropout multipliers, segment offsets, row maps, autograd)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
     cfg = _cfg(name, tmp_path / "run", dataset, "data.global_batch_size=2", "data.rank_microbatch_size=2",
-               "data.patch_sizes=[2]", "data.hw_p_list=[3]")
+               "data.patch_sizes=[2]", "data.hw_p_list=[3]", "trainer.precision=fp32")
     loader = build_loader(cfg, 0, 1, str(tmp_path / "run"))
     batch = loader.make_batch(1, 0)
     from olmoearth_fast.kernels import masked_neg_loss as loss_kernels
@@ -273,8 +274,8 @@ def test_train_step_through_triton_kernels(name, dataset, tmp_path, monkeypatch)
     for kernels in ("pytorch", "triton"):
         monkeypatch.setenv("OLMOEARTH_FAST_KERNELS", kernels)
         torch.manual_seed(0)
-        model = build_model(cfg, torch.device("cpu"))
-        trainer = Trainer(cfg, loader, model, torch.device("cpu"), str(tmp_path / kernels), log=lambda *a: None)
+        model = build_model(cfg, device)
+        trainer = Trainer(cfg, loader, model, device, str(tmp_path / kernels), log=lambda *a: None)
         torch.manual_seed(1)  # same band-dropout and DropPath draws for both
         launched.clear()
         stats, grad_norm = trainer.train_step(batch)
