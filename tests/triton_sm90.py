@@ -35,8 +35,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 TARGET = GPUTarget("cuda", 90, 32)
 H100_MAX_SHARED = 227 * 1024  # opt-in dynamic shared memory per block on sm_90
 
