@@ -59,6 +59,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def paired_windows(ours: list[float], ref: list[float], window: int) -> list[dict]:
+    """Window means of both curves and of their paired difference, with its z-score.
+
+    Both see the same batch at every step, so the per-step difference d = ours - ref is free
+    of the batch-to-batch spread; what is left is dropout draws and divergence. z = mean(d) /
+    (sd(d) / sqrt(w)) per window of w steps.
+    """
+    rows = []
+    for s in range(0, min(len(ours), len(ref)), window):
+        o, r = ours[s:s + window], ref[s:s + window]
+        d = [a - b for a, b in zip(o, r)]
+        k = len(d)
+        mean_d = sum(d) / k
+        sd = math.sqrt(sum((x - mean_d) ** 2 for x in d) / (k - 1)) if k > 1 else float("nan")
+        z = mean_d / (sd / math.sqrt(k)) if k > 1 and sd > 0 else float("nan")
+        rows.append({"first": s + 1, "last": s + k, "ours": sum(o) / k, "ref": sum(r) / k, "diff": mean_d, "z": z})
+    return rows
+
+
+def within_noise(windows: list[dict], z_max: float = 3.0) -> dict:
+    """Verdict: every window's paired difference within z_max standard errors."""
+    zs = [abs(row["z"]) for row in windows if math.isfinite(row["z"])]
+    worst = max(zs) if zs else float("nan")
+    ok = bool(zs) and worst <= z_max
+    biggest = max((abs(row["diff"]) for row in windows), default=float("nan"))
+    text = (f"curves {'agree within noise' if ok else 'DIFFER beyond noise' if zs else 'too short to judge'}: "
+            f"largest window difference {biggest:.4f}, largest |z| {worst:.2f} (limit {z_max:g})")
+    return {"ok": ok, "max_abs_z": worst, "max_abs_diff": biggest, "text": text}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=100)
@@ -138,7 +168,8 @@ def main() -> None:
         if not args.out:
             return
         n = len(curves["ref"])
-        result = {**curves, "setup": setup, "steps_done": n, "complete": n == args.steps, "stopped": stopped,
+        result = {**curves, "windows": paired_windows(curves["ours"][:n], curves["ref"][:n], args.window),
+                  "setup": setup, "steps_done": n, "complete": n == args.steps, "stopped": stopped,
                   "times_s": times, "step_times_s": step_times, "batch_wait_s": wait_s,
                   "peak_gib": peak if device.type == "cuda" else None, "final": final}
         tmp = Path(args.out + ".tmp")
@@ -175,11 +206,13 @@ def main() -> None:
 
     n = len(curves["ref"])
     w = args.window
-    print(f"{'steps':>12} {'ours':>8} {'ref':>8}")
-    for s in range(0, n, w):
-        o = sum(curves["ours"][s:s + w]) / len(curves["ours"][s:s + w])
-        r = sum(curves["ref"][s:s + w]) / len(curves["ref"][s:s + w])
-        print(f"{s + 1:>5}-{min(s + w, n):<6} {o:8.4f} {r:8.4f}")
+    windows = paired_windows(curves["ours"][:n], curves["ref"][:n], w)
+    print(f"{'steps':>12} {'ours':>8} {'ref':>8} {'diff':>8} {'z':>6}")
+    for row in windows:
+        print(f"{row['first']:>5}-{row['last']:<6} {row['ours']:8.4f} {row['ref']:8.4f} {row['diff']:+8.4f} "
+              f"{row['z']:+6.2f}")
+    verdict = within_noise(windows)
+    print(verdict["text"])
     bad = [k for k, v in curves.items() if any(not math.isfinite(x) for x in v)]
     if bad:
         print(f"WARNING: non-finite losses in {', '.join(bad)}")
