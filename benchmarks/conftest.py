@@ -13,7 +13,9 @@ Every benchmark goes through the `bench` fixture:
   keyword arguments (shapes, dtype) in `extra_info`, so `--benchmark-json` is self-describing.
 * At the end of the session a table prints, per group, every provider's median and its
   speed ratio against the `ref` provider of the same group (ref / provider), plus peak memory
-  where measured. The same table is written to `benchmarks/last_run.json`.
+  where measured. The same table is written to `benchmarks/last_run.json`, rewritten after
+  every case (a run stopped by a time limit keeps what it measured), and each case prints one
+  line as it finishes (`bench: ...`, through pytest's terminal reporter, past the capture).
 """
 
 from __future__ import annotations
@@ -90,7 +92,10 @@ def _peak_memory(fn) -> int | None:
 
 
 @pytest.fixture
-def bench(benchmark):
+def bench(benchmark, request):
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
     def run(fn, *, group: str, provider: str, rounds: int | None = None, warmup: int = 2, **info):
         def timed():
             out = fn()
@@ -113,33 +118,54 @@ def bench(benchmark):
         stats = benchmark.stats.stats
         _RESULTS.append({"group": group, "provider": provider, "median_s": stats.median,
                          "min_s": stats.min, "rounds": rounds, "peak_bytes": peak, **info})
+        _write_results()
+        mem = "" if peak is None else f", peak {peak / 2**20:.1f} MiB"
+        line = f"bench: {group} | {provider}: median {stats.median * 1e3:.3f} ms over {rounds} rounds{mem}"
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():  # now, not at the end of the session
+                reporter.ensure_newline()
+                reporter.write_line(line)
         return stats.median
 
     return run
 
 
-def pytest_terminal_summary(terminalreporter):
-    if not _RESULTS:
-        return
+def _grouped() -> dict[str, list[dict]]:
+    """Records by group, each with its speed ratio against the group's `ref` record (if any)."""
     groups: dict[str, list[dict]] = {}
     for r in _RESULTS:
         groups.setdefault(r["group"], []).append(r)
+    for rows in groups.values():
+        ref = next((r for r in rows if r["provider"] == "ref"), None)
+        for r in rows:
+            r["speedup_vs_ref"] = ref["median_s"] / r["median_s"] if ref else None
+    return groups
+
+
+def _write_results() -> None:
+    table = [r for rows in _grouped().values() for r in rows]
+    out = os.path.join(os.path.dirname(__file__), "last_run.json")
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"provenance": PROVENANCE, "results": table}, f, indent=1)
+    os.replace(tmp, out)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    groups = _grouped()
     tr = terminalreporter
     tr.section(f"olmoearth_fast vs reference ({PROVENANCE['device']}, torch {PROVENANCE['torch']}, "
                f"triton {PROVENANCE['triton']}, {PROVENANCE['git_sha']})")
-    table = []
     for group, rows in groups.items():
         ref = next((r for r in rows if r["provider"] == "ref"), None)
         tr.write_line(group)
         for r in rows:
-            ratio = ref["median_s"] / r["median_s"] if ref else None
-            r["speedup_vs_ref"] = ratio
+            ratio = r["speedup_vs_ref"]
             mem = "" if r["peak_bytes"] is None else f"  peak {r['peak_bytes'] / 2**20:9.1f} MiB"
             if ref and ref["peak_bytes"] and r["peak_bytes"]:
                 mem += f" ({ref['peak_bytes'] / max(r['peak_bytes'], 1):.1f}x less)"
             tr.write_line(f"  {r['provider']:<14} {r['median_s'] * 1e3:10.3f} ms"
                           + (f"  {ratio:6.2f}x vs ref" if ratio else "") + mem)
-            table.append(r)
-    out = os.path.join(os.path.dirname(__file__), "last_run.json")
-    with open(out, "w") as f:
-        json.dump({"provenance": PROVENANCE, "results": table}, f, indent=1)
+    _write_results()
