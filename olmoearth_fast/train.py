@@ -16,7 +16,13 @@ import torch.distributed as dist
 from olmoearth_fast import checkpoint as ckpt
 from olmoearth_fast import experiments
 from olmoearth_fast.config import apply_overrides, dumps
-from olmoearth_fast.trainer import Trainer, build_loader, build_model, check_dataset_modalities, plot_history
+from olmoearth_fast.trainer import (
+    Trainer,
+    build_loader,
+    build_model,
+    check_dataset_modalities,
+    plot_history,
+)
 
 
 def parse(argv=None):

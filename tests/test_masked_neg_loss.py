@@ -11,8 +11,8 @@ the registered op (opcheck, torch.compile fullgraph), and input validation.
 import pytest
 import torch
 import torch.nn.functional as F
-
 from olmoearth_fast.kernels.masked_neg_loss import masked_neg_loss_bwd, masked_neg_loss_fwd
+
 from olmoearth_fast.modalities import MaskValue
 from olmoearth_fast.ops import masked_neg_loss as M
 from olmoearth_fast.ops.masked_neg_loss import (

@@ -25,6 +25,7 @@ import torch
 pytest.importorskip("triton")
 
 from olmoearth_fast.kernels.patch_embed import patch_embed_bwd_effective  # noqa: E402
+
 from olmoearth_fast.ops.patch_embed import (  # noqa: E402
     band_dropout_keep,
     effective_plan,

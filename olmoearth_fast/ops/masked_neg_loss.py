@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from olmoearth_fast.losses import loss_modalities
-from olmoearth_fast.ops import forced_kernels
 from olmoearth_fast.modalities import MaskValue
+from olmoearth_fast.ops import forced_kernels
 
 DECODER = int(MaskValue.DECODER)  # a plain int: torch.compile traces `tensor == int` cleanly
 
