@@ -116,10 +116,13 @@ def bench(benchmark, request):
             rounds = int(min(max(1.0 / dt, 3), 200))
         benchmark.pedantic(timed, setup=_flush_l2, rounds=rounds, iterations=1)
         stats = benchmark.stats.stats
+        # achieved bandwidth against the least traffic the op needs (benchmarks that pass it)
+        gbps = info["min_bytes"] / stats.median / 1e9 if "min_bytes" in info else None
         _RESULTS.append({"group": group, "provider": provider, "median_s": stats.median,
-                         "min_s": stats.min, "rounds": rounds, "peak_bytes": peak, **info})
+                         "min_s": stats.min, "rounds": rounds, "peak_bytes": peak, "min_bytes_gbps": gbps, **info})
         _write_results()
         mem = "" if peak is None else f", peak {peak / 2**20:.1f} MiB"
+        mem += "" if gbps is None else f", {gbps:.1f} GB/s of minimum traffic"
         line = f"bench: {group} | {provider}: median {stats.median * 1e3:.3f} ms over {rounds} rounds{mem}"
         if reporter is not None and capture is not None:
             with capture.global_and_fixture_disabled():  # now, not at the end of the session
@@ -166,6 +169,8 @@ def pytest_terminal_summary(terminalreporter):
             mem = "" if r["peak_bytes"] is None else f"  peak {r['peak_bytes'] / 2**20:9.1f} MiB"
             if ref and ref["peak_bytes"] and r["peak_bytes"]:
                 mem += f" ({ref['peak_bytes'] / max(r['peak_bytes'], 1):.1f}x less)"
+            if r.get("min_bytes_gbps") is not None:
+                mem += f"  {r['min_bytes_gbps']:7.1f} GB/s"
             tr.write_line(f"  {r['provider']:<14} {r['median_s'] * 1e3:10.3f} ms"
                           + (f"  {ratio:6.2f}x vs ref" if ratio else "") + mem)
     _write_results()
