@@ -146,7 +146,13 @@ class Encoder(nn.Module):
 
 def mean_pool(out: Packed) -> Tensor:
     """[B, D] mean of each sample's packed tokens (0 for a sample without tokens, where the
-    reference raises)."""
+    reference raises).
+
+    The per-sample sums are an `index_add`: on CUDA it adds atomically in an unspecified order,
+    so the pooled vector (and the InfoNCE loss on it) can differ in the last bits from run to
+    run. Under torch.use_deterministic_algorithms(True) PyTorch's CUDA `index_add` becomes a
+    sorted `index_put_(accumulate=True)`: deterministic. CPU is deterministic either way. The
+    backward (an index_select) is deterministic everywhere."""
     b = out.seg.batch
     sums = out.tokens.new_zeros(b, out.tokens.shape[-1], dtype=torch.float32)
     sums = sums.index_add(0, out.seg.sample_ids, out.tokens.float())
