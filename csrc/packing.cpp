@@ -4,7 +4,8 @@
 //   varlen_index(keep bool[B,N])   -> (indices i64[total], cu_seqlens i32[B+1], max_seqlen i32[])
 //   merge_index(keep bool[B,P,S])  -> (positions i64[M], map i64[M,S], cu_seqlens i32[B+1],
 //                                      max_seqlen i32[])
-//   gather_rows(src[R,...], index i64[K])            -> out[K,...], out[k] = src[index[k]] (0 if -1)
+//   gather_rows(src[R,...], index i64[K])            -> out[K,...], out[k] = src[index[k]] (0 if -1);
+//                                                       R = 0 admits only -1: K zero rows
 //   scatter_rows(src[K,...], index i64[K], int R)    -> out[R,...], out[index[k]] = src[k], 0 elsewhere
 //
 // Indices are flat row numbers (b*N + n, or b*P*S + p*S + s for the merge map), sample-major
@@ -49,6 +50,14 @@ std::vector<int64_t> row_shape(int64_t rows, const at::Tensor& like) {
   std::vector<int64_t> shape{rows};
   for (int64_t d = 1; d < like.dim(); ++d) shape.push_back(like.size(d));
   return shape;
+}
+
+int64_t row_bytes(const at::Tensor& like) {
+  // From the row shape, not numel / rows: a 0-row tensor still has rows of this size (numel / 1
+  // = 0 gave 0-byte copies, i.e. gather_rows of a 0-row source returned uninitialised memory).
+  int64_t elems = 1;
+  for (int64_t d = 1; d < like.dim(); ++d) elems *= like.size(d);
+  return elems * static_cast<int64_t>(like.element_size());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -143,18 +152,18 @@ at::Tensor gather_rows_cpu(const at::Tensor& src_in, const at::Tensor& index_in)
   check_index_values_cpu(index, R, "gather_rows", "argument 'src'");
   at::Tensor out = at::empty(row_shape(K, src), src.options());
   if (out.numel() == 0) return out;
-  const int64_t row_bytes = src.numel() / std::max<int64_t>(R, 1) * src.element_size();
+  const int64_t bytes = row_bytes(src);
   const char* s = static_cast<const char*>(src.data_ptr());
   char* o = static_cast<char*>(out.data_ptr());
   const int64_t* idx = index.data_ptr<int64_t>();
   // grain: ~64 KB of copying per task so small batches stay on one thread
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(row_bytes, 1));
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1));
   at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       if (idx[k] >= 0)
-        std::memcpy(o + k * row_bytes, s + idx[k] * row_bytes, row_bytes);
+        std::memcpy(o + k * bytes, s + idx[k] * bytes, bytes);
       else
-        std::memset(o + k * row_bytes, 0, row_bytes);
+        std::memset(o + k * bytes, 0, bytes);
     }
   });
   return out;
@@ -173,20 +182,20 @@ at::Tensor scatter_rows_cpu(const at::Tensor& src_in, const at::Tensor& index_in
   // first and then scattering writes the kept rows twice (1.5x the bytes at keep ratio 0.5).
   at::Tensor out = at::empty(row_shape(num_rows, src), src.options());
   if (out.numel() == 0) return out;
-  const int64_t row_bytes = out.numel() / num_rows * out.element_size();
+  const int64_t bytes = row_bytes(out);
   std::vector<int64_t> source(num_rows, -1);
   const int64_t* idx = index.data_ptr<int64_t>();
   for (int64_t k = 0; k < K; ++k)
     if (idx[k] >= 0) source[idx[k]] = k;
   const char* s = static_cast<const char*>(src.data_ptr());
   char* o = static_cast<char*>(out.data_ptr());
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(row_bytes, 1));
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1));
   at::parallel_for(0, num_rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if (source[r] >= 0)
-        std::memcpy(o + r * row_bytes, s + source[r] * row_bytes, row_bytes);
+        std::memcpy(o + r * bytes, s + source[r] * bytes, bytes);
       else
-        std::memset(o + r * row_bytes, 0, row_bytes);
+        std::memset(o + r * bytes, 0, bytes);
     }
   });
   return out;

@@ -233,3 +233,62 @@ def test_bad_input_errors(call, match):
 def test_device_mismatch_error():
     with pytest.raises(RuntimeError, match="same device"):
         P.gather_rows(torch.ones(3, 4, device="cuda"), torch.tensor([0, 1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# A 0-row source: the only valid index is -1, so the result is K zero rows (the CPU op checks the
+# values; the CUDA op returns zeros without reading the source). The row size used to be taken as
+# src.numel() / max(R, 1) = 0 bytes, so no row was written and the output was uninitialised.
+
+
+def _dirty_heap(shape, dtype):
+    # leave non-zero bytes where the next allocation of this size will likely land
+    junk = torch.full(shape, 7, dtype=dtype)
+    del junk
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("row_shape", [(33,), (3, 5), ()])
+def test_gather_rows_from_zero_rows_is_zeros(device, dtype, row_shape):
+    k = 64
+    for _ in range(3):  # several allocations: one lucky zero page must not hide the bug
+        _dirty_heap((k, *row_shape), dtype)
+        src = torch.empty(0, *row_shape, dtype=dtype, device=device)
+        out = P.gather_rows(src, torch.full((k,), -1, device=device))
+        assert out.shape == (k, *row_shape) and out.dtype == dtype
+        assert torch.equal(out, torch.zeros_like(out))
+        assert torch.equal(out, P.gather_rows_ref(src, torch.full((k,), -1, device=device)))
+
+
+def test_gather_rows_from_zero_rows_rejects_row_indices():
+    with pytest.raises(RuntimeError, match=r"index\[0\] = 0 is out of range .* with 0 rows"):
+        P.gather_rows(torch.empty(0, 4), torch.tensor([0, -1]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_scatter_zero_rows_gradients(device):
+    """Packing an all-dropped batch: gather from 0 rows and its backward (a scatter into 0
+    rows) are both well defined."""
+    src = torch.empty(0, 6, device=device, requires_grad=True)
+    out = P.gather_rows(src, torch.full((5,), -1, device=device))
+    (out * 2).sum().backward()
+    assert src.grad.shape == (0, 6)
+    assert torch.equal(P.scatter_rows(torch.ones(0, 6, device=device), torch.empty(0, dtype=torch.long, device=device), 3),
+                       torch.zeros(3, 6, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs_equal_contiguous(device):
+    """Non-contiguous src / index / keep views give the contiguous results (the ops copy them)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 40, 8, generator=g).to(device)
+    view = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, permuted strides
+    keep = (torch.rand(40, 6, generator=g) < 0.5).to(device).t()  # [6, 40], transposed
+    packed, cu, idx, _ = P.pack(view, keep)
+    want = P.pack_ref(x, keep.contiguous())
+    assert torch.equal(packed, want[0]) and torch.equal(cu, want[1]) and torch.equal(idx, want[2])
+    rows = x.reshape(-1, 8)
+    index = torch.stack([idx, idx], 1)[:, 0]  # a strided index view (stride 2)
+    assert not index.is_contiguous()
+    assert torch.equal(P.gather_rows(rows.t().contiguous().t(), index), rows[idx])

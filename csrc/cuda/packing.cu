@@ -95,18 +95,18 @@ __global__ void scatter_rows_kernel(const V* __restrict__ src, const int64_t* __
   }
 }
 
-// Calls f(V{}, row_bytes / sizeof(V)) with the widest copy unit V (16, 8, 4, 2 or 1 bytes) that
+// Calls f(V{}, bytes / sizeof(V)) with the widest copy unit V (16, 8, 4, 2 or 1 bytes) that
 // divides the row size and both base pointers.
 template <typename F>
-void dispatch_width(int64_t row_bytes, const void* a, const void* b, F&& f) {
+void dispatch_width(int64_t bytes, const void* a, const void* b, F&& f) {
   auto aligned = [&](int64_t w) {
-    return row_bytes % w == 0 && reinterpret_cast<uintptr_t>(a) % w == 0 && reinterpret_cast<uintptr_t>(b) % w == 0;
+    return bytes % w == 0 && reinterpret_cast<uintptr_t>(a) % w == 0 && reinterpret_cast<uintptr_t>(b) % w == 0;
   };
-  if (aligned(16)) return f(uint4{}, row_bytes / 16);
-  if (aligned(8)) return f(uint2{}, row_bytes / 8);
-  if (aligned(4)) return f(uint32_t{}, row_bytes / 4);
-  if (aligned(2)) return f(uint16_t{}, row_bytes / 2);
-  return f(uint8_t{}, row_bytes);
+  if (aligned(16)) return f(uint4{}, bytes / 16);
+  if (aligned(8)) return f(uint2{}, bytes / 8);
+  if (aligned(4)) return f(uint32_t{}, bytes / 4);
+  if (aligned(2)) return f(uint16_t{}, bytes / 2);
+  return f(uint8_t{}, bytes);
 }
 
 int rows_threads(int64_t row_vecs) {
@@ -169,13 +169,16 @@ at::Tensor gather_rows_cuda(const at::Tensor& src_in, const at::Tensor& index_in
   const at::Tensor src = src_in.contiguous();
   const at::Tensor index = index_in.contiguous();
   const int64_t R = src.size(0), K = index.numel();
+  // A 0-row source admits only index -1 (zero rows; CPU checks the values): zeros, and nothing
+  // read from its (null) storage.
+  if (R == 0) return at::zeros(row_shape(K, src), src.options());
   at::Tensor out = at::empty(row_shape(K, src), src.options());
   if (out.numel() == 0) return out;
-  const int64_t row_bytes = src.numel() / std::max<int64_t>(R, 1) * src.element_size();
+  const int64_t bytes = row_bytes(src);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t* idx = index.data_ptr<int64_t>();
   // Index values are not range-checked here (that would need a host sync); CPU checks them.
-  dispatch_width(row_bytes, src.data_ptr(), out.data_ptr(), [&](auto tag, int64_t row_vecs) {
+  dispatch_width(bytes, src.data_ptr(), out.data_ptr(), [&](auto tag, int64_t row_vecs) {
     using V = decltype(tag);
     gather_rows_kernel<V><<<rows_blocks(K), rows_threads(row_vecs), 0, stream>>>(
         static_cast<const V*>(src.data_ptr()), idx, static_cast<V*>(out.data_ptr()), K, row_vecs);
@@ -195,10 +198,10 @@ at::Tensor scatter_rows_cuda(const at::Tensor& src_in, const at::Tensor& index_i
   const int64_t K = index.numel();
   at::Tensor out = at::zeros(row_shape(num_rows, src), src.options());
   if (out.numel() == 0 || K == 0) return out;
-  const int64_t row_bytes = out.numel() / num_rows * out.element_size();
+  const int64_t bytes = row_bytes(out);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t* idx = index.data_ptr<int64_t>();
-  dispatch_width(row_bytes, src.data_ptr(), out.data_ptr(), [&](auto tag, int64_t row_vecs) {
+  dispatch_width(bytes, src.data_ptr(), out.data_ptr(), [&](auto tag, int64_t row_vecs) {
     using V = decltype(tag);
     scatter_rows_kernel<V><<<rows_blocks(K), rows_threads(row_vecs), 0, stream>>>(
         static_cast<const V*>(src.data_ptr()), idx, static_cast<V*>(out.data_ptr()), K, row_vecs);
