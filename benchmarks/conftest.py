@@ -12,8 +12,11 @@ Every benchmark goes through the `bench` fixture:
 * Each record carries provenance (device, torch/triton versions, git SHA, date) and the
   keyword arguments (shapes, dtype) in `extra_info`, so `--benchmark-json` is self-describing.
 * At the end of the session a table prints, per group, every provider's median and its
-  speed ratio against the `ref` provider of the same group (ref / provider), plus peak memory
-  where measured. The same table is written to `benchmarks/last_run.json`, rewritten after
+  speed ratio against the group's reference providers (`ref_best`, the reference's fastest
+  faithful configuration, where a group has it; `ref` otherwise and as a second column),
+  plus peak memory where measured, and, for cases that pass the FLOPs of one call (`flops=`),
+  the achieved FLOP/s and the fraction of the device's peak (`olmoearth_fast.perf.peak_flops`:
+  a measured fp32 matmul on CPU, the bf16 datasheet figure on GPU). The same table is written to `benchmarks/last_run.json`, rewritten after
   every case (a run stopped by a time limit keeps what it measured), and each case prints one
   line as it finishes (`bench: ...`, through pytest's terminal reporter, past the capture).
 """
@@ -27,8 +30,14 @@ import platform
 import subprocess
 import time
 
+import sys
+
 import pytest
 import torch
+
+# the benchmarks share helpers that live beside them (reference_step.py); pytest runs with
+# --import-mode=importlib, which does not put this folder on sys.path
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -118,11 +127,16 @@ def bench(benchmark, request):
         stats = benchmark.stats.stats
         # achieved bandwidth against the least traffic the op needs (benchmarks that pass it)
         gbps = info["min_bytes"] / stats.median / 1e9 if "min_bytes" in info else None
+        flop_s = info["flops"] / stats.median if info.get("flops") else None
+        frac = flop_s / _device_peak()[0] if flop_s else None
         _RESULTS.append({"group": group, "provider": provider, "median_s": stats.median,
-                         "min_s": stats.min, "rounds": rounds, "peak_bytes": peak, "min_bytes_gbps": gbps, **info})
+                         "min_s": stats.min, "rounds": rounds, "peak_bytes": peak, "min_bytes_gbps": gbps,
+                         "flop_s": flop_s, "peak_fraction": frac,
+                         "device_peak_flop_s": _device_peak()[0] if flop_s else None, **info})
         _write_results()
         mem = "" if peak is None else f", peak {peak / 2**20:.1f} MiB"
         mem += "" if gbps is None else f", {gbps:.1f} GB/s of minimum traffic"
+        mem += "" if flop_s is None else f", {flop_s / 1e12:.3f} TFLOP/s ({100 * frac:.0f}% of peak)"
         line = f"bench: {group} | {provider}: median {stats.median * 1e3:.3f} ms over {rounds} rounds{mem}"
         if reporter is not None and capture is not None:
             with capture.global_and_fixture_disabled():  # now, not at the end of the session
@@ -133,15 +147,31 @@ def bench(benchmark, request):
     return run
 
 
+_PEAK: tuple[float, str] | None = None
+
+
+def _device_peak() -> tuple[float, str]:
+    """The device's peak FLOP/s, measured (CPU) or looked up (GPU) once per session."""
+    global _PEAK
+    if _PEAK is None:
+        from olmoearth_fast.perf import peak_flops
+
+        _PEAK = peak_flops("cuda" if ON_GPU else "cpu")
+        PROVENANCE["peak_flop_s"], PROVENANCE["peak_source"] = _PEAK
+    return _PEAK
+
+
 def _grouped() -> dict[str, list[dict]]:
-    """Records by group, each with its speed ratio against the group's `ref` record (if any)."""
+    """Records by group, each with its speed ratios against the group's `ref_best` and `ref`
+    records (reference median / provider median), where the group has them."""
     groups: dict[str, list[dict]] = {}
     for r in _RESULTS:
         groups.setdefault(r["group"], []).append(r)
     for rows in groups.values():
-        ref = next((r for r in rows if r["provider"] == "ref"), None)
+        refs = {name: next((r for r in rows if r["provider"] == name), None) for name in ("ref_best", "ref")}
         for r in rows:
-            r["speedup_vs_ref"] = ref["median_s"] / r["median_s"] if ref else None
+            for name, ref in refs.items():
+                r[f"speedup_vs_{name}"] = ref["median_s"] / r["median_s"] if ref else None
     return groups
 
 
@@ -161,16 +191,22 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section(f"olmoearth_fast vs reference ({PROVENANCE['device']}, torch {PROVENANCE['torch']}, "
                f"triton {PROVENANCE['triton']}, {PROVENANCE['git_sha']})")
+    if _PEAK is not None:
+        tr.write_line(f"peak: {_PEAK[0] / 1e12:.3f} TFLOP/s ({_PEAK[1]})")
     for group, rows in groups.items():
-        ref = next((r for r in rows if r["provider"] == "ref"), None)
-        tr.write_line(group)
+        head = next((r for r in rows if r["provider"] == "ref_best"), None) or \
+            next((r for r in rows if r["provider"] == "ref"), None)
+        work = next((r["work_ratio"] for r in rows if r.get("work_ratio")), None)
+        tr.write_line(group + (f"  (work ratio ref/ours {work:.2f})" if work else ""))
         for r in rows:
-            ratio = r["speedup_vs_ref"]
+            ratios = "".join(f"  {r[f'speedup_vs_{n}']:6.2f}x vs {n:<8}" for n in ("ref_best", "ref")
+                             if r.get(f"speedup_vs_{n}"))
             mem = "" if r["peak_bytes"] is None else f"  peak {r['peak_bytes'] / 2**20:9.1f} MiB"
-            if ref and ref["peak_bytes"] and r["peak_bytes"]:
-                mem += f" ({ref['peak_bytes'] / max(r['peak_bytes'], 1):.1f}x less)"
+            if head and head["peak_bytes"] and r["peak_bytes"]:
+                mem += f" ({head['peak_bytes'] / max(r['peak_bytes'], 1):.1f}x less)"
             if r.get("min_bytes_gbps") is not None:
                 mem += f"  {r['min_bytes_gbps']:7.1f} GB/s"
-            tr.write_line(f"  {r['provider']:<14} {r['median_s'] * 1e3:10.3f} ms"
-                          + (f"  {ratio:6.2f}x vs ref" if ratio else "") + mem)
+            if r.get("flop_s"):
+                mem += f"  {r['flop_s'] / 1e12:7.3f} TFLOP/s {100 * r['peak_fraction']:4.0f}% of peak"
+            tr.write_line(f"  {r['provider']:<14} {r['median_s'] * 1e3:10.3f} ms" + ratios + mem)
     _write_results()

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_train_step import ReferenceStep, _reference_model  # noqa: E402
+from reference_step import ReferenceStep, copy_weights, reference_model  # noqa: E402
 
 from olmoearth_fast import experiments  # noqa: E402
 from olmoearth_fast.checkpoint import import_reference_state_dict  # noqa: E402
@@ -131,11 +131,13 @@ def main() -> None:
 
     loader = build_loader(cfg, 0, 1, "runs/compare")
     torch.manual_seed(cfg.trainer.init_seed)
-    ref_model = _reference_model(cfg)
+    init = reference_model(cfg, "feb")  # the shared initial weights (Conv2d layout)
     ours = build_model(cfg, torch.device("cpu"))
-    import_reference_state_dict(ours, ref_model.state_dict())
+    import_reference_state_dict(ours, init.state_dict())
     trainer = Trainer(cfg, loader, ours.to(device), device, "runs/compare", log=lambda *a: None)
-    ref = ReferenceStep(ref_model, cfg, vec=True, device=device)
+    ref_model = reference_model(cfg, "best", device.type)
+    copy_weights(ref_model, init)
+    ref = ReferenceStep(ref_model, cfg, "best", device=device)
 
     # rank batches are made on the CPU one step ahead, in a thread, while the device trains; the
     # batch of step s is the same whatever the device (make_batch(epoch, index) is deterministic)

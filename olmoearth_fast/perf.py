@@ -1,0 +1,281 @@
+"""Performance accounting: the work of one training step, and the device's limit.
+
+`step_work(batch, cfg)` counts the floating-point operations of one training step from the
+actual batch (the token counts of every view after masking, the crop, the model size), per
+component, twice:
+
+* ``ours``: what olmoearth_fast computes: visible tokens packed (Σ len, Σ len² in attention),
+  both views in one pass, the frozen target projection once per microbatch, the decoder and its
+  output head at DECODER positions only, the loss over each (sample, modality)'s c decoded
+  tokens (c² pairs).
+* ``ref``: what the reference computes on the same batch in its fastest faithful configuration
+  (projection-only target, vectorised loss): per view, every token patch-embedded, the target
+  projection per view, the encoder padded to the microbatch's longest ONLINE count L
+  (B·L tokens, B·L² attention scores), the decoder's input projection and output head on every
+  token, queries and context padded to the longest DECODER / ONLINE counts, and the loss over
+  all N_m tokens of a modality (B·N_m² pairs).
+
+Counting convention (the one of `torch.utils.flop_counter.FlopCounterMode`): a multiply-add is
+2 FLOPs; a Linear's backward is twice its forward (input and weight gradients); attention is
+QKᵀ + PV, backward twice that; the patch embedding's backward is the weight gradient only (the
+pixels need none); the frozen target has no backward. Elementwise work (norms, activations,
+the optimizer) is listed apart in ``elementwise``; it is memory-bound, not FLOP-bound.
+
+`peak_flops(device)` is the limit those FLOPs are measured against: on CPU a large fp32 matmul
+timed once per process at the current thread count, on GPUs the bf16 dense tensor-core peak
+from a table. `gpu_step_floor` turns the work into a paper time floor on a GPU (FLOPs at the
+tensor-core peak, bytes at HBM bandwidth, kernel launches at a few µs each); it is a prediction
+until a GPU measures it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from olmoearth_fast.modalities import MODALITIES, MaskValue, TokenizationConfig, as_tokenization
+from olmoearth_fast.model.layout import TokenLayout
+
+ONLINE, DECODER = int(MaskValue.ONLINE_ENCODER), int(MaskValue.DECODER)
+BASE_PATCH = 8  # the patch projection is an 8×8 kernel on the image resized by 8/p
+
+# bf16 dense tensor-core peak and HBM bandwidth of the GPUs this project targets (vendor
+# datasheets: H100 SXM5 989.4 TFLOP/s and 3.35 TB/s; H200 the same compute, 4.8 TB/s).
+GPU_SPECS: dict[str, tuple[float, float]] = {
+    "H200": (989e12, 4.8e12),
+    "H100": (989e12, 3.35e12),
+    "A100": (312e12, 2.0e12),
+}
+
+
+@dataclass
+class Work:
+    """FLOPs of one step per component, for ours and for the reference on the same batch."""
+
+    ours: dict[str, float] = field(default_factory=dict)
+    ref: dict[str, float] = field(default_factory=dict)
+    elementwise: dict[str, float] = field(default_factory=dict)  # not in the totals
+    tokens: dict[str, float] = field(default_factory=dict)  # token counts behind the figures
+
+    @property
+    def ours_total(self) -> float:
+        return sum(self.ours.values())
+
+    @property
+    def ref_total(self) -> float:
+        return sum(self.ref.values())
+
+    @property
+    def ratio(self) -> float:
+        """Reference FLOPs / ours: the most that doing less work can buy on this batch."""
+        return self.ref_total / max(self.ours_total, 1.0)
+
+    def add(self, other: Work) -> None:
+        for mine, theirs in ((self.ours, other.ours), (self.ref, other.ref), (self.elementwise, other.elementwise),
+                             (self.tokens, other.tokens)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0.0) + v
+
+
+def model_dims(model_cfg) -> tuple[int, int, int, int, int, int, float]:
+    """(enc D, enc depth, enc heads, dec D, dec depth, dec heads, mlp ratio) of a ModelConfig."""
+    from olmoearth_fast.model.latent_mim import MODEL_SIZES
+
+    if model_cfg.dims is not None:
+        return tuple(model_cfg.dims)
+    if model_cfg.size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {model_cfg.size!r}; valid sizes: {', '.join(MODEL_SIZES)}")
+    return MODEL_SIZES[model_cfg.size]
+
+
+def _block_linear(tokens: float, dim: int, mlp: float) -> float:
+    """Forward FLOPs of a pre-norm block's Linear layers on `tokens` rows: q, k, v, proj, fc1, fc2."""
+    return 2.0 * tokens * dim * dim * (4 + 2 * mlp)
+
+
+def _microbatch_work(data: dict[str, Tensor], masks: list[dict[str, Tensor]], patch_size: int,
+                     model_cfg, tokenization: TokenizationConfig, mask_neg: tuple[str, ...] | None,
+                     band_dropout: bool, training: bool) -> Work:
+    d, depth, _, dd, ddepth, _, mlp = model_dims(model_cfg)
+    layout = TokenLayout.build(data, patch_size, tokenization, model_cfg.modalities)
+    views = len(masks)
+    codes = torch.stack([layout.token_masks(m) for m in masks])  # [V, B, N]
+    b, n = codes.shape[1], codes.shape[2]
+    bwd = 2.0 if training else 0.0  # backward = 2× forward for matmuls that need input and weight grads
+    w = Work()
+    # --- patch embedding: 2·C·64·D per token and bandset, forward; weight gradient alike
+    embed = 0.0
+    for s in layout.segments:
+        if MODALITIES[s.modality].is_spatial:
+            k = BASE_PATCH * BASE_PATCH
+            per_pos = s.h * s.w * s.t
+        else:  # time-only: Linear(C, D) per timestep
+            k, per_pos = 1, s.t
+        for chans in tokenization.bands_per_bandset(s.modality):
+            embed += 2.0 * b * per_pos * chans * k * d
+    online_views = views if band_dropout else 1  # without dropout the views share one embedding
+    w.ours["patch_embed"] = embed * online_views * (1 + bwd / 2) + embed  # + target once
+    w.ref["patch_embed"] = embed * views * (1 + bwd / 2) + embed * views  # + target per view
+
+    online = (codes == ONLINE).sum(-1).double()  # [V, B]
+    dec = (codes == DECODER).sum(-1).double()
+    t_on, t_dec = float(online.sum()), float(dec.sum())
+    w.tokens.update(encoder_tokens=t_on, decoder_queries=t_dec, positions=float(views * b * n))
+    f = 1.0 + bwd
+    # --- encoder
+    enc_lin = depth * _block_linear(t_on, d, mlp) + 2.0 * views * b * d * d  # + pooled projection
+    enc_attn = depth * 4.0 * float((online ** 2).sum()) * d
+    l_on = online.max(-1).values  # [V] longest ONLINE count per view (the reference's pad length)
+    ref_on = float((b * l_on).sum())
+    ref_enc_lin = depth * _block_linear(ref_on, d, mlp) + 2.0 * views * b * d * d
+    ref_enc_attn = depth * 4.0 * float((b * l_on ** 2).sum()) * d
+    w.ours["encoder_linear"], w.ref["encoder_linear"] = enc_lin * f, ref_enc_lin * f
+    w.ours["encoder_attention"], w.ref["encoder_attention"] = enc_attn * f, ref_enc_attn * f
+    # --- decoder: context = Linear(LN(encoder tokens)); queries at DECODER positions
+    l_dec = dec.max(-1).values
+    ref_q = float((b * l_dec).sum())
+    q_lin = ddepth * 2.0 * dd * dd * (2 + 2 * mlp)  # per query: q, proj, fc1, fc2
+    kv_lin = ddepth * 2.0 * dd * dd * 2  # per context token: k, v
+    ours_dec = t_on * (2.0 * d * dd + kv_lin) + t_dec * (q_lin + 2.0 * dd * d)
+    # reference: input projection and output head on every position, k/v on B·Lk, q on B·Lq
+    ref_dec = views * b * n * (2.0 * d * dd + 2.0 * dd * d) + ref_on * kv_lin + ref_q * q_lin
+    w.ours["decoder_linear"], w.ref["decoder_linear"] = ours_dec * f, ref_dec * f
+    w.ours["decoder_attention"] = ddepth * 4.0 * float((online * dec).sum()) * dd * f
+    w.ref["decoder_attention"] = ddepth * 4.0 * float((b * l_on * l_dec).sum()) * dd * f
+    w.tokens.update(ref_encoder_tokens=ref_on, ref_decoder_queries=ref_q)
+    # --- loss: scores p̂·ĝ (forward, and the prediction gradient), target self-similarity where
+    # same-target negatives are masked; per (view, sample, modality) c decoded tokens
+    loss, ref_loss = 0.0, 0.0
+    for s in layout.segments:
+        c = (codes[:, :, s.slice] == DECODER).sum(-1).double()  # [V, B]
+        masked = mask_neg is None or s.modality in mask_neg
+        per_pair = 2.0 * d * ((1 + bwd / 2) + (1 if masked else 0))
+        loss += float((c ** 2).sum()) * per_pair
+        ref_loss += views * b * float(s.numel) ** 2 * per_pair
+    w.ours["loss"], w.ref["loss"] = loss, ref_loss
+    w.ours["infonce"] = w.ref["infonce"] = 2.0 * b * b * d * f if views == 2 else 0.0
+    # --- bandset merge / unmerge (experiments 9, 10, 12): small MLPs on merged positions
+    if model_cfg.merge_bandsets:
+        merge = 0.0
+        for s in layout.segments:
+            if s.bs > 1:
+                pos_on = (codes[:, :, s.slice].unflatten(-1, (-1, s.bs)) == ONLINE).any(-1).sum()
+                merge += float(pos_on) * 2.0 * (s.bs * d * d + d * d)  # merge MLP
+                merge += views * b * (s.numel // s.bs) * 2.0 * d * s.bs * d  # unmerge Linear
+        w.ours["bandset_merge"] = w.ref["bandset_merge"] = merge * f
+    # elementwise passes over the activations (memory-bound; reported, not in the totals)
+    w.elementwise["encoder"] = depth * t_on * d * (12 + 8 * mlp) * f
+    w.elementwise["decoder"] = ddepth * t_dec * dd * (12 + 8 * mlp) * f
+    return w
+
+
+def step_work(batch, cfg, training: bool = True) -> Work:
+    """FLOPs of one training step of ``batch`` (a `MaskedViews` rank batch) under ``cfg`` (a
+    RunConfig): its microbatches as the trainer splits them, forward and backward, plus the
+    optimizer's elementwise work. Host-side arithmetic on the masks only (no model run)."""
+    tok = as_tokenization(cfg.data.tokenization)
+    mc = cfg.model
+    dropout = training and mc.band_dropout_rate > 0
+    total = Work()
+    for mb in batch.microbatches(cfg.data.rank_microbatch_size):
+        total.add(_microbatch_work(mb.data, mb.masks, mb.patch_size, mc, tok, cfg.loss.mask_negatives_for_modalities,
+                                   dropout, training))
+    if training:
+        total.elementwise["optimizer"] = 12.0 * num_parameters(mc, tok)  # AdamW: ~12 ops per weight
+    return total
+
+
+def num_parameters(model_cfg, tokenization: TokenizationConfig) -> int:
+    """Trainable parameters of the model (the Linear and conv weights; encodings included)."""
+    d, depth, _, dd, ddepth, _, mlp = model_dims(model_cfg)
+    hidden = int(d * mlp)
+    block = 4 * (d * d + d) + (d * hidden + hidden) + (hidden * d + d) + 4 * d
+    dhidden = int(dd * mlp)
+    dblock = 4 * (dd * dd + dd) + (dd * dhidden + dhidden) + (dhidden * dd + dd) + 4 * dd
+    embed = 0
+    for m in model_cfg.modalities:
+        k = BASE_PATCH * BASE_PATCH if MODALITIES[m].is_spatial else 1
+        embed += sum(c * k * d + d for c in tokenization.bands_per_bandset(m))
+    return depth * block + ddepth * dblock + embed + d * d + d + 2 * d + d * dd + dd * d + dd + 3 * dd
+
+
+# ---------------------------------------------------------------------------------------------
+# The limit
+
+
+_CPU_PEAK: dict[int, float] = {}
+
+
+def measure_cpu_peak(threads: int | None = None, n: int = 2048, reps: int = 3) -> float:
+    """fp32 FLOP/s of a large square matmul at ``threads`` (default: torch's current count),
+    best of ``reps`` after one warm-up; cached per thread count (about 0.5 s the first time on a
+    2-core machine, where it reads 180–205 GFLOP/s)."""
+    threads = threads or torch.get_num_threads()
+    if threads not in _CPU_PEAK:
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            a, bm = torch.randn(n, n), torch.randn(n, n)
+            out = torch.empty(n, n)
+            torch.mm(a, bm, out=out)
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                torch.mm(a, bm, out=out)
+                best = min(best, time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(old)
+        _CPU_PEAK[threads] = 2.0 * n ** 3 / best
+    return _CPU_PEAK[threads]
+
+
+def gpu_spec(name: str) -> tuple[float, float] | None:
+    """(bf16 dense FLOP/s, HBM bytes/s) of a GPU by (a substring of) its name, or None."""
+    for key, spec in GPU_SPECS.items():
+        if key in name.upper():
+            return spec
+    return None
+
+
+def peak_flops(device: torch.device | str) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from) for the step line and the benchmarks."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        spec = gpu_spec(name)
+        if spec is None:
+            raise ValueError(f"no bf16 peak known for {name!r}; add it to perf.GPU_SPECS")
+        return spec[0], f"{name} bf16 dense (datasheet)"
+    return measure_cpu_peak(), f"cpu fp32 matmul at {torch.get_num_threads()} threads (measured)"
+
+
+# ---------------------------------------------------------------------------------------------
+# A GPU time floor on paper
+
+
+@dataclass
+class Floor:
+    """Per-component time floors of one step on a GPU (seconds) and what they rest on."""
+
+    flops_s: dict[str, float]
+    bytes_s: dict[str, float]
+    launch_s: float
+    launches: int
+
+    @property
+    def total(self) -> float:
+        return sum(max(self.flops_s[k], self.bytes_s.get(k, 0.0)) for k in self.flops_s) + self.launch_s
+
+
+def gpu_step_floor(work: Work, side: str, bytes_by_component: dict[str, float], launches: int,
+                   spec: tuple[float, float], launch_us: float = 4.0) -> Floor:
+    """Floor of one step on a GPU: each component takes at least its FLOPs at the bf16 peak
+    and at least its bytes at HBM bandwidth (whichever is larger), plus ``launches`` × a few µs
+    (launches serialise when kernels are short). A prediction, not a measurement."""
+    flops = work.ours if side == "ours" else work.ref
+    peak, bw = spec
+    return Floor({k: v / peak for k, v in flops.items()}, {k: v / bw for k, v in bytes_by_component.items()},
+                 launches * launch_us * 1e-6, launches)

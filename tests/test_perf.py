@@ -1,0 +1,179 @@
+"""The work model (`olmoearth_fast.perf`): hand counts on a small case, and agreement with
+`torch.utils.flop_counter.FlopCounterMode` on real training steps, ours and the reference's."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from olmoearth_fast import experiments, perf
+from olmoearth_fast.config import ModelConfig, RunConfig, apply_overrides
+from olmoearth_fast.data.collate import MaskedViews
+from olmoearth_fast.trainer import Trainer, build_loader, build_model
+
+S2 = "sentinel2_l2a"
+
+
+def _tiny_case(dropout: float) -> tuple[MaskedViews, RunConfig]:
+    """B=2 samples, two views, S2 only (12 bands, one bandset), p=1, 2×2 pixels, T=1: N=4."""
+    cfg = RunConfig()
+    cfg.model = ModelConfig(dims=(8, 1, 2, 8, 1, 2, 2.0), modalities=(S2,), band_dropout_rate=dropout)
+    cfg.data.rank_microbatch_size = 2
+    codes = [[[0, 0, 2, 2], [0, 2, 2, 1]],  # view A: ONLINE 2, 1; DECODER 2, 2
+             [[2, 0, 0, 0], [0, 0, 2, 2]]]  # view B: ONLINE 3, 2; DECODER 1, 2
+    masks = [{S2: torch.tensor(v, dtype=torch.uint8).view(2, 2, 2, 1, 1)} for v in codes]
+    data = {S2: torch.zeros(2, 2, 2, 1, 12)}
+    return MaskedViews(data, torch.zeros(2, 1, 3, dtype=torch.long), masks, patch_size=1, hw_p=2), cfg
+
+
+def test_hand_counts_small_case():
+    batch, cfg = _tiny_case(dropout=0.3)
+    w = perf.step_work(batch, cfg)
+    # D = 8, depth 1, MLP ratio 2: a block's Linears cost 2·D²·(4 + 2·2) = 1024 FLOPs per token;
+    # every matmul's forward + backward = 3× forward.
+    embed = 2 * 2 * 4 * 12 * 64 * 8  # B · positions · C · 8·8 · D · 2 = 98,304 per embedding pass
+    assert w.ours["patch_embed"] == embed * (2 * 2 + 1)  # 2 views fwd + dW, target once
+    assert w.ref["patch_embed"] == embed * (2 * 2 + 2)  # ... target per view
+    # ONLINE counts 2, 1 | 3, 2: packed 8 tokens, Σlen² = 18; padded 2·2 + 2·3 = 10, Σ B·L² = 26
+    assert w.ours["encoder_linear"] == 3 * (8 * 1024 + 2 * 4 * 64)  # + pooled projection of 4 rows
+    assert w.ref["encoder_linear"] == 3 * (10 * 1024 + 2 * 4 * 64)
+    assert w.ours["encoder_attention"] == 3 * 4 * 18 * 8
+    assert w.ref["encoder_attention"] == 3 * 4 * 26 * 8
+    # decoder: per context token in-projection 2·64 + k, v 2·2·64 = 384; per query q, proj,
+    # fc1, fc2 2·64·6 = 768 + output head 128. Ours: 8 context, 7 queries. Reference: in-
+    # projection and head at all 16 positions, k/v on 10 padded context rows, q on 2·2+2·2 = 8.
+    assert w.ours["decoder_linear"] == 3 * (8 * 384 + 7 * 896)
+    assert w.ref["decoder_linear"] == 3 * (16 * 256 + 10 * 256 + 8 * 768)
+    # cross-attention pairs: Σ online·decoder = 2·2 + 1·2 + 3·1 + 2·2 = 13; padded 2·2·2 + 2·3·2 = 20
+    assert w.ours["decoder_attention"] == 3 * 4 * 13 * 8
+    assert w.ref["decoder_attention"] == 3 * 4 * 20 * 8
+    # loss (S2 does not mask negatives): scores forward + prediction gradient, 2·D·2 per pair;
+    # Σc² = 4 + 4 + 1 + 4 = 13 pairs; the reference scores all 4² pairs of 4 (view, sample)s
+    assert w.ours["loss"] == 32 * 13
+    assert w.ref["loss"] == 32 * 64
+    assert w.ours["infonce"] == w.ref["infonce"] == 3 * 2 * 2 * 2 * 8
+    assert w.tokens["encoder_tokens"] == 8 and w.tokens["decoder_queries"] == 7
+    assert w.ratio == pytest.approx(w.ref_total / w.ours_total)
+    assert w.elementwise["optimizer"] > 0
+
+
+def test_without_dropout_views_share_the_embedding():
+    batch, cfg = _tiny_case(dropout=0.0)
+    embed = 2 * 2 * 4 * 12 * 64 * 8
+    w = perf.step_work(batch, cfg)
+    assert w.ours["patch_embed"] == embed * (2 + 1)
+    assert perf.step_work(batch, cfg, training=False).ours["patch_embed"] == embed * 2  # no backward
+
+
+def test_masked_modality_adds_the_target_similarity():
+    batch, cfg = _tiny_case(dropout=0.0)
+    cfg.loss.mask_negatives_for_modalities = (S2,)
+    assert perf.step_work(batch, cfg).ours["loss"] == 48 * 13  # + ĝ·ĝ, 2·D per pair
+
+
+def test_microbatches_add_up():
+    batch, cfg = _tiny_case(dropout=0.3)
+    whole = perf.step_work(batch, cfg)
+    cfg.data.rank_microbatch_size = 1
+    split = perf.step_work(batch, cfg)
+    # packed work is per sample: the same; padded work shrinks with one sample per microbatch
+    assert split.ours["encoder_linear"] == whole.ours["encoder_linear"]
+    assert split.ref["encoder_attention"] < whole.ref["encoder_attention"]
+
+
+def test_num_parameters_matches_the_model():
+    cfg = apply_overrides(experiments.get("exp14"), ["model.size=nano"])
+    from olmoearth_fast.modalities import as_tokenization
+
+    model = build_model(cfg, torch.device("cpu"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert perf.num_parameters(cfg.model, as_tokenization(cfg.data.tokenization)) == pytest.approx(trainable, rel=0.02)
+
+
+def test_cpu_peak_is_measured_and_cached():
+    peak = perf.measure_cpu_peak(1, n=256, reps=1)
+    assert peak > 1e8
+    assert perf.measure_cpu_peak(1) == peak
+    assert perf.gpu_spec("NVIDIA H200") == (989e12, 4.8e12)
+    assert perf.gpu_spec("NVIDIA H100 80GB HBM3")[1] == 3.35e12
+    assert perf.gpu_spec("Tesla T4") is None
+
+
+# --------------------------------------------------------------------------------------------
+# Against the flop counter, on real steps. CPU SDPA's flash kernel has no formula in torch's
+# counter; these count QKᵀ + PV (and twice that backward) as the model does.
+
+
+def _sdpa_cpu_fwd(q, k, v, *args, out_shape=None, **kwargs):
+    b, h, s, d = q
+    return 4 * b * h * s * k[2] * d
+
+
+def _sdpa_cpu_bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+    b, h, s, d = q
+    return 8 * b * h * s * k[2] * d
+
+
+_COUNTER_EXTRAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_fwd,
+                   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_bwd}
+_GROUPS = {"conv": ("convolution", "convolution_backward"), "linear": ("mm", "addmm"),
+           "attention": ("_scaled_dot_product_flash_attention_for_cpu",
+                         "_scaled_dot_product_flash_attention_for_cpu_backward"), "bmm": ("bmm",)}
+
+
+def _counted(fn) -> dict[str, float]:
+    counter = FlopCounterMode(display=False, custom_mapping=_COUNTER_EXTRAS)
+    with counter:
+        fn()
+    per_op = {str(k).split(".")[1]: v for k, v in counter.get_flop_counts()["Global"].items()}
+    return {g: float(sum(per_op.get(o, 0) for o in ops)) for g, ops in _GROUPS.items()}
+
+
+def _exp14(size: str, batch: int, tmp_path, demo_dataset):
+    cfg = apply_overrides(experiments.get("exp14"), [
+        f"model.size={size}", f"data.dataset={demo_dataset}", f"checkpoint.dir={tmp_path}/run",
+        f"data.global_batch_size={batch}", f"data.rank_microbatch_size={batch}", "data.patch_sizes=[4]",
+        "data.hw_p_list=[6]", "data.num_workers=0", "logging.wandb=False", "trainer.max_steps=10"])
+    loader = build_loader(cfg, 0, 1, str(tmp_path / "run"))
+    return cfg, loader, loader.make_batch(1, 0)
+
+
+@pytest.fixture(scope="module")
+def demo_dataset(tmp_path_factory):
+    from olmoearth_fast.data.demo import ensure_demo_dataset
+
+    return str(ensure_demo_dataset(tmp_path_factory.mktemp("perf") / "demo", num_samples=16))
+
+
+@pytest.mark.parametrize("size,batch", [("nano", 16), ("tiny", 4)])
+def test_ours_agrees_with_the_flop_counter(size, batch, tmp_path, demo_dataset):
+    cfg, loader, b = _exp14(size, batch, tmp_path, demo_dataset)
+    trainer = Trainer(cfg, loader, build_model(cfg, torch.device("cpu")), torch.device("cpu"), str(tmp_path / "run"),
+                      log=lambda *a: None)
+    seen = _counted(lambda: trainer.train_step(b))
+    w = perf.step_work(b, cfg)
+    assert seen["conv"] == pytest.approx(w.ours["patch_embed"], rel=0.05)
+    linear = w.ours["encoder_linear"] + w.ours["decoder_linear"] + w.ours["infonce"]
+    assert seen["linear"] == pytest.approx(linear, rel=0.05)
+    attention = w.ours["encoder_attention"] + w.ours["decoder_attention"]
+    assert seen["attention"] == pytest.approx(attention, rel=0.05)
+    assert sum(seen.values()) == pytest.approx(w.ours_total - w.ours["loss"], rel=0.05)  # the loss is one op
+
+
+def test_reference_agrees_with_the_flop_counter(tmp_path, demo_dataset):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    reference_step = pytest.importorskip("reference_step")
+    cfg, _, b = _exp14("nano", 8, tmp_path, demo_dataset)
+    model = reference_step.reference_model(cfg, "best")
+    step = reference_step.ReferenceStep(model, cfg, "best")
+    seen = _counted(lambda: step(b))
+    w = perf.step_work(b, cfg)
+    assert seen["conv"] == pytest.approx(w.ref["patch_embed"], rel=0.05)
+    assert seen["linear"] == pytest.approx(w.ref["encoder_linear"] + w.ref["decoder_linear"] + w.ref["infonce"],
+                                           rel=0.05)
+    assert seen["bmm"] == pytest.approx(w.ref["loss"], rel=0.05)  # the vectorised loss's two bmm + backward
+    assert w.ratio > 1.2  # padding, per-view target and the all-token head and loss
