@@ -36,7 +36,8 @@ SPEC = {
 MASKED = ["sentinel2_l2a", "worldcover", "openstreetmap_raster", "srtm"]  # not cdl
 
 
-def _inputs(seed=0, dtype=torch.float32, dim=D):
+def _inputs(seed=0, dtype=torch.float32, dim=D, device="cpu"):
+    """Dict-form inputs made on CPU (same values on every device), then moved to `device`."""
     g = torch.Generator().manual_seed(seed)
     classes = torch.randn(4, dim, generator=g)
     pred, target, mask = {}, {}, {}
@@ -55,7 +56,16 @@ def _inputs(seed=0, dtype=torch.float32, dim=D):
         t = F.normalize(target[m].float(), dim=-1)
         cos = t @ t.transpose(1, 2)
         assert bool(((cos > 0.99999) | (cos <= 0.99)).all())
+    if device != "cpu":
+        pred = {m: v.detach().to(device).requires_grad_() for m, v in pred.items()}
+        target = {m: v.to(device) for m, v in target.items()}
+        mask = {m: v.to(device) for m, v in mask.items()}
     return pred, target, mask
+
+
+def _device(impl, kernel_device):
+    """The Triton kernels get tensors where they run (conftest); the chunked path stays on CPU."""
+    return kernel_device if impl == "triton" else "cpu"
 
 
 def _packed(pred, target, mask, mask_list=MASKED):
@@ -80,8 +90,8 @@ def _close(got, want, atol=1e-5):
 
 
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
-def test_op_matches_ref(impl):
-    pred, target, mask = _inputs()
+def test_op_matches_ref(impl, kernel_device):
+    pred, target, mask = _inputs(device=_device(impl, kernel_device))
     leaves = list(pred.values())
     args = lambda: _packed(pred, target, mask)  # noqa: E731
 
@@ -97,17 +107,18 @@ def test_op_matches_ref(impl):
 
     got, want = _value_grad(ours, leaves), _value_grad(ref, leaves)
     _close(got, want)
+    assert got[0].device.type == _device(impl, kernel_device)
     # per modality: masked with skips > 0, fully skipped = 0, empty = 0, unmasked cdl > 0
     assert (got[0] > 0).tolist() == [True, True, False, False, True]
 
 
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
 @pytest.mark.parametrize("mask_list", [None, MASKED], ids=["mask_all", "mask_some"])
-def test_dict_form_matches_reference_package(impl, mask_list):
+def test_dict_form_matches_reference_package(impl, mask_list, kernel_device):
     ref_loss = pytest.importorskip("olmoearth_pretrain.train.loss")
     from olmoearth_pretrain.datatypes import TokensAndMasks
 
-    pred, target, mask = _inputs(1)
+    pred, target, mask = _inputs(1, device=_device(impl, kernel_device))
     leaves = list(pred.values())
     vec = ref_loss.ModalityPatchDiscriminationMaskedNegativesVec(
         mask_negatives_for_modalities=mask_list)
@@ -120,10 +131,10 @@ def test_dict_form_matches_reference_package(impl, mask_list):
 
 
 @pytest.mark.parametrize("dim,block,block_k", [(40, 16, 16), (32, 32, 32)])
-def test_kernel_row_stats_match_chunked(dim, block, block_k):
+def test_kernel_row_stats_match_chunked(dim, block, block_k, kernel_device):
     """Per-row lse, loss, negcnt, ndup and gradient of the kernel at tiles that split segments
-    (and D into a partial K tile) against the chunked path."""
-    pred, target, mask = _inputs(2, dim=dim)
+    (and D into a partial K tile) against the chunked path (both on the kernel's device)."""
+    pred, target, mask = _inputs(2, dim=dim, device=kernel_device)
     keep = ("openstreetmap_raster", "srtm", "cdl")  # c = 50 splits into 4 row/column blocks
     p = _packed({m: pred[m].detach() for m in keep}, {m: target[m] for m in keep},
                 {m: mask[m] for m in keep}, mask_list=None)
@@ -137,11 +148,11 @@ def test_kernel_row_stats_match_chunked(dim, block, block_k):
         torch.testing.assert_close(a[in_seg], b[in_seg], atol=1e-5, rtol=0)
     assert int(stats[3][in_seg].sum()) > 0  # duplicates were found
     # the backward with per-row weights (0 in one masked segment, as for a skipped one)
-    w = torch.rand(p.row_index.numel()) * in_seg
+    w = torch.rand(p.row_index.numel()).to(kernel_device) * in_seg
     w[seg == 12 + 2] = 0  # cdl, sample 2 (c = 50)
     grad = masked_neg_loss_bwd(p.pred, p.target, p.row_index, p.seg_offsets, p.seg_mask_neg,
                                stats[0], w, stats[3], 0.1, 0.999, **kw)
-    scale = torch.zeros(p.pred.shape[0]).index_add_(0, p.row_index, w)
+    scale = torch.zeros(p.pred.shape[0], device=kernel_device).index_add_(0, p.row_index, w)
     torch.testing.assert_close(grad, want[4][:-1] * scale[:, None], atol=1e-5, rtol=0)
     grad_c = M._bwd_chunked(p.pred, p.target, p.row_index, p.seg_offsets, p.seg_mask_neg,
                             stats[0], w, stats[3], 0.1, 0.999)
@@ -149,14 +160,15 @@ def test_kernel_row_stats_match_chunked(dim, block, block_k):
 
 
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
-def test_packed_rows_outside_segments_are_ignored(impl):
+def test_packed_rows_outside_segments_are_ignored(impl, kernel_device):
     """Identity row_index with trailing junk rows: same loss as without, zero grad there."""
-    pred, target, mask = _inputs(3)
+    device = _device(impl, kernel_device)
+    pred, target, mask = _inputs(3, device=device)
     p = _packed({m: v.detach() for m, v in pred.items()}, target, mask)
     x = p.pred[p.row_index].clone().requires_grad_()
     t = p.target[p.row_index]
     n = int(p.seg_offsets[-1])
-    junk = torch.randn(7, D)
+    junk = torch.randn(7, D, device=device)
     x2 = torch.cat([x.detach()[:n], junk]).requires_grad_()
     t2 = torch.cat([t[:n], junk])
     args = (p.seg_offsets, p.seg_modality, p.seg_mask_neg, len(p.modalities))
@@ -327,15 +339,38 @@ def test_triton_cuda_dict_path_has_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_triton_half_inputs_match_chunked():
+def test_triton_half_inputs_match_chunked(kernel_device):
     """fp16 inputs through the Triton kernels (interpreter on CPU, compiled on a GPU) equal the
     chunked path on the same fp16 inputs: the half-precision loads and casts that bf16 shares
     (the interpreter cannot compute in bf16, so bf16 itself is a `gpu` test)."""
     pred, target, mask = _inputs(11, torch.float16, dim=64)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = kernel_device
     dev = {m: v.detach().to(device).requires_grad_() for m, v in pred.items()}
     tgt, msk = {m: v.to(device) for m, v in target.items()}, {m: v.to(device) for m, v in mask.items()}
     want = _value_grad(lambda: masked_neg_loss_from_dict(pred, target, mask, impl="chunked"), list(pred.values()))
     got = _value_grad(lambda: masked_neg_loss_from_dict(dev, tgt, msk, impl="triton"), list(dev.values()))
     assert all(g.dtype == torch.float16 for g in got[1])
     _close((got[0].cpu(), [g.cpu().float() for g in got[1]]), (want[0], [g.float() for g in want[1]]), atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_strided_segment_tensors_equal_contiguous(impl, kernel_device):
+    """seg_offsets / seg_mask_neg / row_index views with stride 2 (e.g. a column of a table)
+    give the contiguous result: the kernels read them at ptr + i, so the launcher makes them
+    contiguous (seg_offsets used to be passed as given)."""
+    device = _device(impl, kernel_device)
+    pred, target, mask = _inputs(12, device=device)
+    p = _packed({m: v.detach() for m, v in pred.items()}, target, mask)
+    strided = lambda t: torch.stack([t, t], 1)[:, 0]  # noqa: E731  same values, stride 2
+    args = (p.seg_modality, len(p.modalities))
+    x = p.pred.clone().requires_grad_()
+    xs = p.pred.clone().requires_grad_()
+    want = masked_neg_loss(x, p.target, p.seg_offsets, args[0], p.seg_mask_neg, args[1],
+                           row_index=p.row_index, impl=impl)
+    off, neg, rows = strided(p.seg_offsets), strided(p.seg_mask_neg), strided(p.row_index)
+    assert not (off.is_contiguous() or neg.is_contiguous() or rows.is_contiguous())
+    got = masked_neg_loss(xs, p.target, off, args[0], neg, args[1], row_index=rows, impl=impl)
+    want.sum().backward()
+    got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(xs.grad, x.grad, rtol=0, atol=0)
