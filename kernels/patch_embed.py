@@ -15,8 +15,16 @@ out-of-bounds reads out of the sum). Epilogue: + bias, store [B,h,w,T,D] in the 
 Each input pixel is read from HBM once (the halo overlap of neighbouring windows hits L2).
 
 Backward kernel: dE[q] = sum over the class's tokens of window^T @ dY (the same masked A-load,
-transposed), in token chunks written to fp32 partials (deterministic: no atomics); the caller
-reduces the chunks and maps dE back to the 8x8 weight. dbias = sum dY. Pixels get no gradient.
+transposed), in token chunks written to fp32 partials; a second kernel sums each class's chunks
+in chunk order. Run to run deterministic on a GPU: no atomics anywhere (an `index_add_` of the
+partials, the obvious reduction, adds atomically on CUDA in an unspecified order). The caller
+maps dE back to the 8x8 weight. dbias = sum dY. Pixels get no gradient.
+
+Grids. CUDA limits grid axes y and z to 65535 programs (x: 2**31 - 1). The forward runs one
+program per (M-tile, D-tile) pair on axis x (`_fwd_grid`): with the M-tiles on axis y it failed
+to launch from 65536 M-tiles, i.e. 4.2 M tokens per call at BLOCK_M = 64 (fp32) or 8.4 M at 128
+(bf16), e.g. a p = 1 embedding of 64 samples of 256 x 256 pixels. The backward keeps its chunks
+on axis z and sizes them so that there are at most 65535 (`_bwd_chunk`).
 
 Both kernels accumulate in fp32. fp32 inputs use tf32x3 dots on GPU (fp32-level accuracy on
 tensor cores); the interpreter (TRITON_INTERPRET=1) computes dots in fp32 regardless.
@@ -40,6 +48,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FP32_DOT_PRECISION = "tf32x3"
 _CLS_COLS = 8  # class table row: first M-tile, i0, ni, j0, nj, (padding)
 _IDX32_LIMIT = 2**31  # input span / output size from which indices are 64-bit
+_GRID_X_LIMIT = 2**31 - 1  # CUDA's largest grid on axis x
+_GRID_YZ_LIMIT = 65535  # ... and on axes y and z
+_REDUCE_BLOCK = 1024  # elements of dE per program of the chunk reduction
 
 
 @triton.jit
@@ -114,8 +125,12 @@ def _patch_embed_fwd_kernel(
     IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)  # fastest: the D-tiles of one token tile run together (L2 reuse)
-    pid_m = tl.program_id(1)
+    # One axis (x: up to 2**31 - 1 programs) of (M-tile, D-tile) pairs, D-tiles fastest: the
+    # D-tiles of one token tile run together and share its gathered A-tile in L2.
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(D, BLOCK_N)
+    pid_n = pid % n_tiles_n
+    pid_m = pid // n_tiles_n
     # This M-tile's class: the last class whose first tile is <= pid_m.
     starts = tl.load(cls_ptr + tl.arange(0, NQ_P2) * 8)  # 8 = _CLS_COLS
     q = tl.sum((starts <= pid_m).to(tl.int32), axis=0) - 1
@@ -188,6 +203,25 @@ def _patch_embed_bwd_kernel(
     tl.store(ptrs, acc, mask=(r < KRED)[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _reduce_chunks_kernel(part_ptr, out_ptr, first_ptr, N, BLOCK: tl.constexpr):
+    """out[q, i] = sum of part[c, i] over class q's chunks first[q] <= c < first[q + 1], added
+    in chunk order: the same sum, bit for bit, on every run (and the same as a sequential
+    fp32 loop, e.g. CPU `index_add_`)."""
+    pid = tl.program_id(0)
+    q = tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    c0 = tl.load(first_ptr + q)
+    c1 = tl.load(first_ptr + q + 1)
+    src = part_ptr + c0.to(tl.int64) * N + offs
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(c0, c1):
+        acc += tl.load(src, mask=ok, other=0.0)
+        src += N
+    tl.store(out_ptr + q.to(tl.int64) * N + offs, acc, mask=ok)
+
+
 def _config(dtype: torch.dtype, kred: int, d: int, backward: bool = False) -> dict:
     """Tile sizes (forward: BLOCK_M tokens x BLOCK_N of D, K-steps of BLOCK_K window taps;
     backward: BLOCK_K taps x BLOCK_N of D per program, token steps of BLOCK_M)."""
@@ -235,14 +269,48 @@ def _class_table(
 
 @functools.lru_cache(maxsize=256)
 def _chunk_table(plan, B: int, T: int, block_m: int, chunk: int, device: torch.device):
-    """int32 [n_chunks, 3] rows (class, first token, BLOCK_M steps) and int64 owner class."""
+    """int32 [n_chunks, 3] rows (class, first token, BLOCK_M steps), grouped by class, and
+    int32 [nq + 1] first chunk of each class (class q owns chunks first[q] .. first[q+1]-1)."""
     rows = []
+    first = [0]
     for q, (i0, ni, j0, nj) in enumerate(plan.class_rects()):
         n_tok = B * T * ni * nj
         rows += [[q, m0, triton.cdiv(min(chunk, n_tok - m0), block_m)]
                  for m0 in range(0, n_tok, chunk)]
+        first.append(len(rows))
     table = torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1, 3)
-    return table, table[:, 0].to(torch.int64)
+    return table, torch.tensor(first, dtype=torch.int32, device=device)
+
+
+def _fwd_grid(d: int, tiles: int, block_m: int, block_n: int) -> tuple[int]:
+    """Forward launch grid for `tiles` M-tiles of BLOCK_M tokens and D outputs per token.
+
+    One axis of (M-tile, D-tile) programs (see the module docstring). Raises where even that
+    cannot be launched, or where token numbers no longer fit the kernel's int32 arithmetic.
+    """
+    programs = triton.cdiv(d, block_n) * tiles
+    if programs > _GRID_X_LIMIT or tiles * block_m >= 2**31:
+        raise ValueError(f"patch_embed: {tiles} tiles of {block_m} tokens x {d} outputs is too large "
+                         f"for one launch ({programs} programs, at most {_GRID_X_LIMIT}; tokens "
+                         "must stay below 2**31): split the batch")
+    return (programs,)
+
+
+def _bwd_chunk(n_tokens: int, nq: int, block_m: int, chunk_tokens: int) -> int:
+    """Tokens per backward chunk: `chunk_tokens` rounded up to BLOCK_M, and raised where needed
+    so that the chunks (at most n_tokens / chunk + nq of them: each class ends in a partial
+    one) fit grid axis z (65535)."""
+    least = triton.cdiv(n_tokens, _GRID_YZ_LIMIT - nq)
+    return triton.cdiv(max(chunk_tokens, least, 1), block_m) * block_m
+
+
+def _bwd_grid(d: int, kred: int, n_chunks: int, block_n: int, block_k: int) -> tuple[int, int, int]:
+    """Backward launch grid: (D-tiles, KRED-tiles, chunks), axes y and z within 65535."""
+    grid = (triton.cdiv(d, block_n), triton.cdiv(kred, block_k), n_chunks)
+    if grid[0] > _GRID_X_LIMIT or grid[1] > _GRID_YZ_LIMIT or grid[2] > _GRID_YZ_LIMIT:
+        raise ValueError(f"patch_embed backward: grid {grid} exceeds CUDA's limits "
+                         f"({_GRID_X_LIMIT}, {_GRID_YZ_LIMIT}, {_GRID_YZ_LIMIT})")
+    return grid
 
 
 def _common(x: Tensor, keep: Tensor | None, band_index: Tensor | None, out_numel: int) -> dict:
@@ -254,7 +322,8 @@ def _common(x: Tensor, keep: Tensor | None, band_index: Tensor | None, out_numel
     span = sum((s - 1) * abs(st) for s, st in zip(x.shape, x.stride())) + 4 * max(x.stride())
     span = max(span, out_numel)
     return dict(
-        band=dummy if band_index is None else band_index,
+        # the kernels read band_index[c] at band_ptr + c: contiguous, whatever the caller's view
+        band=dummy if band_index is None else band_index.contiguous(),
         keep=dummy if keep_f is None else keep_f,
         keep_strides=(0, 0) if keep_f is None else keep_f.stride(),
         flags=dict(HAS_BAND=band_index is not None, HAS_KEEP=keep_f is not None,
@@ -295,9 +364,10 @@ def patch_embed_fwd(
     cfg = _config(x.dtype, kred, D)
     table, nq_p2, tiles = _class_table(plan, B, T, cfg["BLOCK_M"], x.device)
     a = _common(x, keep, band_index, out.numel())
-    grid = (triton.cdiv(D, cfg["BLOCK_N"]), tiles)
+    grid = _fwd_grid(D, tiles, cfg["BLOCK_M"], cfg["BLOCK_N"])
     _patch_embed_fwd_kernel[grid](
-        x, a["band"], a["keep"], e2, x.new_empty(1) if bias is None else bias, out, table,
+        x, a["band"], a["keep"], e2, x.new_empty(1) if bias is None else bias.contiguous(), out,
+        table,
         B, H, W, T, C, D, h, w, kred, *x.stride(), *a["keep_strides"],
         NQ_P2=nq_p2, P=p, K=K, HALO=plan.halo, HAS_BIAS=bias is not None,
         DOT_PRECISION=_dot_precision(x.dtype), **a["flags"], **cfg,
@@ -323,12 +393,15 @@ def patch_embed_bwd_effective(
 ) -> Tensor:
     """dL/dE [nq, K, K, C, D] (float32) for the effective weights of `patch_embed_fwd`.
 
+    Deterministic: per-chunk partials, then an in-order sum per class (no atomics).
+
     Args:
         grad: dL/dout [B,h,w,T,D].
         x, plan, keep, band_index: As in the forward.
         num_bands: C.
-        chunk_tokens: Tokens per partial sum (rounded up to the tile); default: enough chunks
-            to fill the GPU about twice over.
+        chunk_tokens: Tokens per partial sum (rounded up to the tile, and raised if the
+            chunks would not fit one grid axis); default: enough chunks to fill the GPU about
+            twice over.
     """
     B, H, W, T = x.shape[:4]
     D = grad.shape[-1]
@@ -349,16 +422,17 @@ def patch_embed_bwd_effective(
         out_tiles = triton.cdiv(kred, bk) * triton.cdiv(D, bn)
         want_chunks = max(1, 2 * _num_sms(x.device) // out_tiles)
         chunk_tokens = triton.cdiv(B * T * h * w, want_chunks)
-    chunk = max(bm, triton.cdiv(chunk_tokens, bm) * bm)
-    chunks, owner = _chunk_table(plan, B, T, bm, chunk, x.device)
+    chunk = _bwd_chunk(B * T * h * w, nq, bm, chunk_tokens)
+    chunks, first = _chunk_table(plan, B, T, bm, chunk, x.device)
     part = torch.empty(chunks.shape[0], kred, D, dtype=torch.float32, device=x.device)
     a = _common(x, keep, band_index, grad.numel())
-    grid = (triton.cdiv(D, bn), triton.cdiv(kred, bk), chunks.shape[0])
+    grid = _bwd_grid(D, kred, chunks.shape[0], bn, bk)
     _patch_embed_bwd_kernel[grid](
         x, a["band"], a["keep"], grad, part, table, chunks,
         B, H, W, T, C, D, h, w, kred, *x.stride(), *a["keep_strides"],
         P=p, K=K, HALO=plan.halo, DOT_PRECISION=_dot_precision(x.dtype), **a["flags"], **cfg,
     )
-    grad_e = torch.zeros(nq, kred, D, dtype=torch.float32, device=x.device)
-    grad_e.index_add_(0, owner, part)
+    grad_e = torch.empty(nq, kred, D, dtype=torch.float32, device=x.device)
+    _reduce_chunks_kernel[(triton.cdiv(kred * D, _REDUCE_BLOCK), nq)](
+        part, grad_e, first, kred * D, BLOCK=_REDUCE_BLOCK, num_warps=4)
     return grad_e.reshape(nq, K, K, C, D)

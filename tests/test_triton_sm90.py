@@ -24,8 +24,9 @@ def test_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stderr[-6000:]
     summary, records = lines[-1], lines[:-1]
     assert summary["failures"] == 0 and summary["compiled"] == len(records)
-    # every launcher ran in both dtypes, and all four kernels compiled
+    # every launcher ran in both dtypes, and all five kernels compiled
     assert {r["kernel"] for r in records} == {"_patch_embed_fwd_kernel", "_patch_embed_bwd_kernel",
-                                              "_masked_neg_loss_fwd_kernel", "_masked_neg_loss_bwd_kernel"}
+                                              "_reduce_chunks_kernel", "_masked_neg_loss_fwd_kernel",
+                                              "_masked_neg_loss_bwd_kernel"}
     assert {r["dtype"] for r in records} >= {"float32", "bfloat16"}
     assert {r["p"] for r in records if r["op"] == "patch_embed"} == set(range(1, 9))

@@ -5,12 +5,13 @@
 The interpreter tests (TRITON_INTERPRET=1) check what the kernels compute, but the interpreter
 accepts programs the GPU compiler rejects (dot shapes, dtype mixes, layouts) and says nothing
 about registers or shared memory. This script runs the real launchers (`patch_embed_fwd`,
-`patch_embed_bwd_effective`, `masked_neg_loss_fwd`, `masked_neg_loss_bwd`) on CPU tensors with
-their GPU tile configurations, but turns every kernel launch into a compile-only warmup for
-target sm_90: Triton's full pipeline down to a cubin (ptxas included, shipped with the triton
-wheel). Each kernel's PTX is assembled once more with `ptxas -v` for its register and spill
-counts. Exit status 1 if a kernel fails to compile, spills registers, or needs more shared
-memory than an H100 block can have.
+`patch_embed_bwd_effective` with its chunk reduction, `masked_neg_loss_fwd`,
+`masked_neg_loss_bwd`) on CPU tensors with their GPU tile configurations, but turns every
+kernel launch into a compile-only warmup for target sm_90 (the H100 and the H200 alike):
+Triton's full pipeline down to a cubin (ptxas included, shipped with the triton wheel). Each
+kernel's PTX is assembled once more with `ptxas -v` for its register and spill counts. Exit
+status 1 if a kernel fails to compile, spills registers, or needs more shared memory than an
+sm_90 block can have.
 
 It must run in its own process with TRITON_INTERPRET unset (the test session sets it), which
 `tests/test_triton_sm90.py` does.
