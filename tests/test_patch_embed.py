@@ -377,3 +377,39 @@ def test_multi_validates_every_projection():
         patch_embed_multi(x, [(w, None, None), (w, None, torch.ones(2, 4))], 2)
     with pytest.raises(ValueError, match="same kernel size"):
         patch_embed_multi(x, [(w, None, None), (torch.randn(5, 3, 4, 4), None, None)], 2)
+
+
+# ------------------------------------------------------------------ autocast
+
+
+def test_effective_weights_ignore_the_callers_autocast():
+    """The two matmuls that compose the weight with the resize maps run in fp32 under a bf16
+    autocast too (before, they ran in bf16: maps and weights rounded to 8 bits, ~4e-3)."""
+    for p in (1, 3, 7):
+        plan = effective_plan(p, 4 * p, 5 * p)
+        w = torch.randn(16, 3, 8, 8)
+        want = effective_weights(w, plan)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = effective_weights(w, plan)
+            g = effective_weight_grad(torch.ones_like(want), plan)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        assert torch.equal(g, effective_weight_grad(torch.ones_like(want), plan))
+
+
+@pytest.mark.parametrize("impl", ["auto", "ref", "effective"])
+def test_patch_embed_ignores_the_callers_autocast(impl):
+    """patch_embed computes in x.dtype: under CPU bf16 autocast the fp32 output and the weight
+    gradient are those without autocast, bit for bit."""
+    x, w, b, p, keep, bi = make_case(p=3, H=6, W=9, missing=0.0)
+    w.requires_grad_()
+    grad = torch.randn(2, 2, 3, 3, 16)
+    want = patch_embed(x, w, b, p, keep, bi, impl=impl)
+    gw_want, = torch.autograd.grad(want, w, grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = patch_embed(x, w, b, p, keep, bi, impl=impl)
+        gw, = torch.autograd.grad(got, w, grad)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, want) and torch.equal(gw, gw_want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        multi = patch_embed_multi(x, [(w, b, keep), (w, None, None)], p, bi)
+    assert torch.equal(multi[0], patch_embed(x, w, b, p, keep, bi))

@@ -27,10 +27,20 @@ Three implementations compute it:
 `patch_embed` is the registered op (custom_op + fake + autograd, so it works under
 torch.compile). impl="auto" runs the Triton kernel on CUDA and the reference on CPU, where it
 is bit-identical to the reference package.
+
+Precision: every path computes in x.dtype, whatever autocast the caller runs under (autocast is
+switched off inside; the model casts x to the autocast dtype itself). The effective weights are
+always composed in fp32 (fp64 for an fp64 weight): under a caller's bf16 autocast their two
+matmuls used to round the resize maps and the weights to bf16 (~4e-3 relative) before the kernel
+saw them.
+
+Determinism: the Triton backward reduces its per-chunk partials in a fixed order (no atomics),
+so fwd + bwd are run-to-run deterministic on a GPU, as the reference paths are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 from dataclasses import dataclass
@@ -119,6 +129,13 @@ def band_dropout_keep(
 # --------------------------------------------------------------------------------------------
 # Reference path
 # --------------------------------------------------------------------------------------------
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off on `device` for the enclosed ops (the op computes in x.dtype)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _check_inputs(
@@ -369,14 +386,15 @@ def effective_weights(weight: Tensor, plan: EffectivePlan) -> Tensor:
     E[q] = sum_{u,v} A_r[u, kh] * A_c[v, kw] * weight[d, c, u, v] for class q = (r, c); token
     (i, j) of class q is then sum_{kh,kw,c} E[q, kh, kw, c, :] * x[p*i - halo + kh,
     p*j - halo + kw, c]. Two GEMMs over all classes at once; float32 (float64 for a float64
-    weight); differentiable.
+    weight) whatever the caller's autocast; differentiable.
     """
     dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
     D, C, k = weight.shape[0], weight.shape[1], weight.shape[2]
     nr, nc, K = len(plan.row_classes), len(plan.col_classes), plan.taps
     a_r, a_c = _maps_on(plan, weight.device, dt)  # [u, (i kh)], [v, (j kw)]
-    half = weight.to(dt).reshape(D * C * k, k) @ a_c  # [(d c u), (j kw)]
-    full = a_r.T @ half.reshape(D * C, k, nc * K)  # [(d c), (i kh), (j kw)]
+    with _no_autocast(weight.device):  # bf16 autocast would round maps and weights to 8 bits
+        half = weight.to(dt).reshape(D * C * k, k) @ a_c  # [(d c u), (j kw)]
+        full = a_r.T @ half.reshape(D * C, k, nc * K)  # [(d c), (i kh), (j kw)]
     e = full.reshape(D, C, nr, K, nc, K).permute(2, 4, 3, 5, 1, 0)  # [i, j, kh, kw, c, d]
     return e.reshape(nr * nc, K, K, C, D).contiguous()
 
@@ -388,8 +406,9 @@ def effective_weight_grad(grad_e: Tensor, plan: EffectivePlan) -> Tensor:
     k = plan.base
     a_r, a_c = _maps_on(plan, grad_e.device, grad_e.dtype)
     g = grad_e.reshape(nr, nc, K, K, C, D).permute(5, 4, 0, 2, 1, 3)  # [d, c, i, kh, j, kw]
-    half = a_r @ g.reshape(D * C, nr * K, nc * K)  # [(d c), u, (j kw)]
-    return (half.reshape(D * C * k, nc * K) @ a_c.T).reshape(D, C, k, k)
+    with _no_autocast(grad_e.device):  # in grad_e's dtype (fp32), like effective_weights
+        half = a_r @ g.reshape(D * C, nr * K, nc * K)  # [(d c), u, (j kw)]
+        return (half.reshape(D * C * k, nc * K) @ a_c.T).reshape(D, C, k, k)
 
 
 def _padded_channels_last(
@@ -558,16 +577,17 @@ def _patch_embed_op(
     impl: str,
 ) -> Tensor:
     impl = _resolve_impl(impl, x)
-    if impl == "ref":
-        return patch_embed_ref(x, weight, bias, patch_size, keep, band_index)
-    if impl == "effective":
-        return patch_embed_effective(x, weight, bias, patch_size, keep, band_index)
-    from olmoearth_fast.kernels.patch_embed import patch_embed_fwd
+    with _no_autocast(x.device):
+        if impl == "ref":
+            return patch_embed_ref(x, weight, bias, patch_size, keep, band_index)
+        if impl == "effective":
+            return patch_embed_effective(x, weight, bias, patch_size, keep, band_index)
+        from olmoearth_fast.kernels.patch_embed import patch_embed_fwd
 
-    B, H, W, T = x.shape[:4]
-    plan = effective_plan(patch_size, H, W, weight.shape[-1])
-    e = effective_weights(weight, plan)
-    return patch_embed_fwd(x, e, bias, plan, keep, band_index)
+        B, H, W, T = x.shape[:4]
+        plan = effective_plan(patch_size, H, W, weight.shape[-1])
+        e = effective_weights(weight, plan)
+        return patch_embed_fwd(x, e, bias, plan, keep, band_index)
 
 
 @_patch_embed_op.register_fake
@@ -586,7 +606,12 @@ def _patch_embed_backward_op(
     band_index: Tensor | None,
     impl: str,
 ) -> tuple[Tensor, Tensor]:
-    impl = _resolve_impl(impl, x)
+    with _no_autocast(x.device):
+        return _patch_embed_backward(grad, x, weight, patch_size, keep, band_index,
+                                     _resolve_impl(impl, x))
+
+
+def _patch_embed_backward(grad, x, weight, patch_size, keep, band_index, impl):
     grad = grad.contiguous()
     grad_bias = grad.sum(dim=(0, 1, 2, 3), dtype=torch.float32).to(weight.dtype)
     if impl == "ref":
@@ -655,7 +680,8 @@ def patch_embed(
 
     Args:
         x: [B,H,W,T,C_all] channels-last, any strides (or the gathered [B,H,W,T,C] when
-            band_index is None); float32 or bfloat16 (the compute and output dtype).
+            band_index is None); float32 or bfloat16: the compute and output dtype, also under
+            autocast (switched off inside).
         weight: Conv weight [D,C,8,8] (the reference's Feb layout); any float dtype.
         bias: [D] or None.
         patch_size: p in [1, 8]; H and W must be multiples of p.
@@ -675,8 +701,9 @@ def patch_embed(
         # where the registered op's backward recomputes it (the fused GPU kernel's trade-off,
         # which only pays where the image is not stored): 1.4x faster fwd+bwd on CPU.
         # detached: the op's contract is gradients for weight and bias only
-        return patch_embed_ref(x.detach(), weight, bias, patch_size, None if keep is None else keep.detach(),
-                               band_index)
+        with _no_autocast(x.device):
+            return patch_embed_ref(x.detach(), weight, bias, patch_size,
+                                   None if keep is None else keep.detach(), band_index)
     return _patch_embed_op(x, weight, bias, patch_size, keep, band_index, impl)
 
 
@@ -701,11 +728,16 @@ def patch_embed_multi(
         _check_inputs(x, weight, bias, patch_size, keep, band_index)
     if len(projections) == 1 or _resolve_impl("auto", x) != "ref" or torch.compiler.is_compiling():
         return [patch_embed(x, w, b, patch_size, k, band_index) for w, b, k in projections]
-    B, T = x.shape[0], x.shape[3]
     base = projections[0][0].shape[-1]
     if any(w.shape[-1] != base for w, _, _ in projections):
         raise ValueError("patch_embed_multi: every weight must have the same kernel size, got "
                          f"{[tuple(w.shape) for w, _, _ in projections]}")
+    with _no_autocast(x.device):  # computes in x.dtype, as patch_embed does
+        return _multi_ref(x, projections, patch_size, band_index, base)
+
+
+def _multi_ref(x, projections, patch_size, band_index, base):
+    B, T = x.shape[0], x.shape[3]
     img = _gather_drop_resize(x.detach(), patch_size, base, None, band_index)  # [(B T), C, H', W']
     out = []
     for weight, bias, keep in projections:
