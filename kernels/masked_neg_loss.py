@@ -55,6 +55,10 @@ Design limits: D is looped in BK chunks (D = 768 would not fit a register tile);
 accumulates rp_i g_hat_i in the fp32 output buffer (BM x D per program, L2 resident), one
 read-modify-write per column block, with a barrier between column blocks because the dot and
 load layouts map elements to different threads. Packed row ids are int32 (< 2^31 rows).
+
+Deterministic run to run: no atomics; every per-row output and every gradient row is written by
+the one program that owns its row block (row_index is injective on segment rows). The caller's
+O(rows) reduction is where order can vary (see `olmoearth_fast.ops.masked_neg_loss`).
 """
 
 from __future__ import annotations
@@ -283,6 +287,12 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _index_args(row_index: Tensor, seg_offsets: Tensor, seg_mask_neg: Tensor):
+    """The kernels read these three at ptr + i: contiguous copies of strided views (a
+    `seg_offsets[::2]` or a column of a table would otherwise be read at the wrong offsets)."""
+    return row_index.contiguous(), seg_offsets.contiguous(), seg_mask_neg.to(torch.int32).contiguous()
+
+
 def _precision(name: str, value: str) -> str:
     if value not in PRECISIONS:
         raise ValueError(f"{name} must be one of {PRECISIONS}, got {value!r}")
@@ -333,10 +343,10 @@ def masked_neg_loss_fwd(
     ndup = pred.new_empty(rows, dtype=torch.int32)
     if rows == 0:
         return lse, loss, negcnt, ndup
+    row_index, seg_offsets, mask_neg = _index_args(row_index, seg_offsets, seg_mask_neg)
     blk_seg, blk_row, grid = _row_block_table(seg_offsets, rows, block_m)
     _masked_neg_loss_fwd_kernel[(grid,)](
-        pred, target, row_index.contiguous(), blk_seg, blk_row, seg_offsets,
-        seg_mask_neg.to(torch.int32), lse, loss, negcnt, ndup,
+        pred, target, row_index, blk_seg, blk_row, seg_offsets, mask_neg, lse, loss, negcnt, ndup,
         dim, pred.stride(0), target.stride(0), 1.0 / tau, threshold, EPS,
         BM=block_m, BN=block_n, BK=block_k, PREC=precision, num_warps=num_warps, num_stages=2,
     )
@@ -377,11 +387,11 @@ def masked_neg_loss_bwd(
     grad = torch.zeros(pred.shape, dtype=torch.float32, device=pred.device)
     if rows == 0:
         return grad
+    row_index, seg_offsets, mask_neg = _index_args(row_index, seg_offsets, seg_mask_neg)
     blk_seg, blk_row, grid = _row_block_table(seg_offsets, rows, block_m)
     _masked_neg_loss_bwd_kernel[(grid,)](
-        pred, target, grad, row_index.contiguous(), blk_seg, blk_row, seg_offsets,
-        seg_mask_neg.to(torch.int32), row_lse.contiguous(), row_w.to(torch.float32).contiguous(),
-        row_ndup.contiguous(),
+        pred, target, grad, row_index, blk_seg, blk_row, seg_offsets, mask_neg,
+        row_lse.contiguous(), row_w.to(torch.float32).contiguous(), row_ndup.contiguous(),
         dim, pred.stride(0), target.stride(0), grad.stride(0), 1.0 / tau, threshold, EPS,
         BM=block_m, BN=block_n, BK=block_k, PREC=precision, GRAD_PREC=grad_precision,
         num_warps=num_warps, num_stages=2,

@@ -30,6 +30,15 @@ correct per-segment loop (autograd, host syncs) used as the oracle in tests.
 The op is registered as `olmoearth_fast::masked_neg_loss` (+ `_backward`) with fake and
 autograd implementations, so it works under torch.compile(fullgraph=True). Only `pred` gets a
 gradient: targets come from the frozen no-grad target path and must not require grad.
+
+Determinism. The Triton kernels use no atomics: each row's statistics and gradient are written
+by one program. The O(rows) reduction (`_reduce_rows`) sums rows into segments and segments
+into modalities with `index_add_`, which on CUDA adds atomically in an unspecified order: the
+loss value (not the gradient's direction, only its per-segment scale) may differ in the last
+bits from run to run. Under `torch.use_deterministic_algorithms(True)` PyTorch's CUDA
+`index_add_` switches to a sorted `index_put_(accumulate=True)`, which is deterministic; that
+is the deterministic choice (the other `index_add_` calls here add at most one value into each
+zero-initialised row, which is exact in any order). On CPU every path is deterministic.
 """
 
 from __future__ import annotations
@@ -81,7 +90,11 @@ def _row_segments(seg_offsets: Tensor, rows: int) -> tuple[Tensor, Tensor]:
 
 def _reduce_rows(row_loss: Tensor, row_negcnt: Tensor, seg_offsets: Tensor, seg_modality: Tensor,
                  seg_mask_neg: Tensor, num_modalities: int, tau: float) -> tuple[Tensor, Tensor]:
-    """Per-modality losses [M] and the per-row coefficient d L_{m(row)} / d (lse - s_ii)."""
+    """Per-modality losses [M] and the per-row coefficient d L_{m(row)} / d (lse - s_ii).
+
+    The segment and modality sums are `index_add_`: atomic (run-to-run nondeterministic in the
+    last bits) on CUDA unless torch.use_deterministic_algorithms(True) (module docstring).
+    """
     off = seg_offsets.to(torch.int64)
     num_seg = off.numel() - 1
     counts = off[1:] - off[:-1]
