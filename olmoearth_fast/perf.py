@@ -96,14 +96,11 @@ def _block_linear(tokens: float, dim: int, mlp: float) -> float:
     return 2.0 * tokens * dim * dim * (4 + 2 * mlp)
 
 
-def _microbatch_work(data: dict[str, Tensor], masks: list[dict[str, Tensor]], patch_size: int,
-                     model_cfg, tokenization: TokenizationConfig, mask_neg: tuple[str, ...] | None,
-                     band_dropout: bool, training: bool) -> Work:
+def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization: TokenizationConfig,
+                    mask_neg: tuple[str, ...] | None, band_dropout: bool, training: bool) -> Work:
+    """Work of one microbatch from its layout and token codes ``[V, B, N]`` (host tensors)."""
     d, depth, _, dd, ddepth, _, mlp = model_dims(model_cfg)
-    layout = TokenLayout.build(data, patch_size, tokenization, model_cfg.modalities)
-    views = len(masks)
-    codes = torch.stack([layout.token_masks(m) for m in masks])  # [V, B, N]
-    b, n = codes.shape[1], codes.shape[2]
+    views, b, n = codes.shape
     bwd = 2.0 if training else 0.0  # backward = 2× forward for matmuls that need input and weight grads
     w = Work()
     # --- patch embedding: 2·C·64·D per token and bandset, forward; weight gradient alike
@@ -177,12 +174,25 @@ def step_work(batch, cfg, training: bool = True) -> Work:
     RunConfig): its microbatches as the trainer splits them, forward and backward, plus the
     optimizer's elementwise work. Host-side arithmetic on the masks only (no model run)."""
     tok = as_tokenization(cfg.data.tokenization)
+    parts = []
+    for mb in batch.microbatches(cfg.data.rank_microbatch_size):
+        layout = TokenLayout.build(mb.data, mb.patch_size, tok, cfg.model.modalities)
+        parts.append((layout, torch.stack([layout.token_masks(m) for m in mb.masks])))
+    return _sum_work(parts, cfg, tok, training)
+
+
+def plan_work(plans, cfg, training: bool = True) -> Work:
+    """`step_work` from the trainer's host plans (`model/plan.py`) of the step's microbatches."""
+    parts = [(p.layout, p.masks.view(p.num_views, -1, p.masks.shape[-1])) for p in plans]
+    return _sum_work(parts, cfg, as_tokenization(cfg.data.tokenization), training)
+
+
+def _sum_work(parts, cfg, tok: TokenizationConfig, training: bool) -> Work:
     mc = cfg.model
     dropout = training and mc.band_dropout_rate > 0
     total = Work()
-    for mb in batch.microbatches(cfg.data.rank_microbatch_size):
-        total.add(_microbatch_work(mb.data, mb.masks, mb.patch_size, mc, tok, cfg.loss.mask_negatives_for_modalities,
-                                   dropout, training))
+    for layout, codes in parts:
+        total.add(microbatch_work(layout, codes, mc, tok, cfg.loss.mask_negatives_for_modalities, dropout, training))
     if training:
         total.elementwise["optimizer"] = 12.0 * num_parameters(mc, tok)  # AdamW: ~12 ops per weight
     return total

@@ -22,12 +22,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from olmoearth_fast import checkpoint as ckpt
+from olmoearth_fast import perf
 from olmoearth_fast.config import RunConfig, dumps
 from olmoearth_fast.data.collate import MaskedViews
 from olmoearth_fast.losses import info_nce
-from olmoearth_fast.modalities import LOSS_FIELD_ORDER, MaskValue, as_tokenization
+from olmoearth_fast.modalities import LOSS_FIELD_ORDER, as_tokenization
 from olmoearth_fast.model.decoder import gather_targets
 from olmoearth_fast.model.latent_mim import LatentMIM
+from olmoearth_fast.model.plan import MicrobatchPlan
 from olmoearth_fast.ops.masked_neg_loss import masked_neg_loss
 
 
@@ -52,39 +54,33 @@ class StepStats:
     decoded: int = 0
     nonfinite: bool = False
     per_modality: dict[str, float] = field(default_factory=dict)
+    flops: float = 0.0  # work model (olmoearth_fast.perf) of the step
+    ref_flops: float = 0.0  # what the reference computes on the same batch
 
 
-def microbatch_loss(model: LatentMIM, mb: MaskedViews, cfg: RunConfig, autocast: bool) -> tuple[Tensor, StepStats]:
-    """Loss of one microbatch of V views (not yet divided by the number of microbatches)."""
-    p, b, views = mb.patch_size, mb.batch_size, mb.num_views
-    layout = model.layout(mb.data, p)
-    masks = torch.cat([layout.token_masks(m) for m in mb.masks])  # [V·B, N]
-    with torch.autocast(device_type=masks.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(mb.data, mb.timestamps, masks, layout, with_target=True)
-        target_full = out.target
-    mods = layout.modalities
-    m = len(mods)
+def microbatch_loss(model: LatentMIM, mb: MaskedViews, cfg: RunConfig, autocast: bool,
+                    plan: MicrobatchPlan) -> tuple[Tensor, Tensor]:
+    """Loss of one microbatch of V views (not yet divided by the number of microbatches) and its
+    detached statistics, on the device: ``[loss, patch_disc, infonce, L_m (M modalities)]``.
+
+    ``plan`` (`LatentMIM.plan`, made on the host from the same masks) holds every index whose
+    size depends on the masks, so nothing here reads a value back from the device.
+    """
+    b, views = mb.batch_size, mb.num_views
+    layout = plan.layout
+    with torch.autocast(device_type=plan.masks.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(mb.data, mb.timestamps, plan.masks, layout, with_target=True, plan=plan)
+    m = len(layout.modalities)
+    seg_offsets, seg_modality, seg_mask_neg = plan.loss
     # DECODER tokens are packed sample-major, modality-major within a sample: segments (v·b, m)
-    dec = (masks == MaskValue.DECODER).float()
-    seg_of_token = torch.nn.functional.one_hot(layout.segment_ids(masks.device), m).float()
-    counts = (dec @ seg_of_token).round().long()  # [V·B, M]
-    seg_offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=masks.device)
-    seg_offsets[1:] = counts.flatten().cumsum(0)
-    view_of_row = torch.arange(views * b, device=masks.device) // b
-    seg_modality = (torch.arange(m, device=masks.device)[None, :] + m * view_of_row[:, None]).flatten()
-    masked = cfg.loss.mask_negatives_for_modalities
-    flags = torch.tensor([masked is None or mod in masked for mod in mods], device=masks.device)
-    seg_mask_neg = flags.repeat(views * b)
-    targets = gather_targets(target_full, out.decoded.index, b)
-    per = masked_neg_loss(out.decoded.tokens, targets, seg_offsets, seg_modality.int(), seg_mask_neg, views * m,
+    targets = gather_targets(out.target, out.decoded.index, b)
+    per = masked_neg_loss(out.decoded.tokens, targets, seg_offsets, seg_modality, seg_mask_neg, views * m,
                           tau=cfg.loss.tau, same_target_threshold=cfg.loss.same_target_threshold).view(views, m)
     patch_disc = cfg.loss.weight * per.sum(1).mean()  # Σ over modalities, mean over views
     infonce = (info_nce(out.pooled[:b], out.pooled[b:2 * b], tau=cfg.loss.infonce_tau, weight=cfg.loss.infonce_weight)
                if views == 2 else patch_disc.new_zeros(()))
     loss = patch_disc + infonce
-    stats = StepStats(encoded=out.encoded.tokens.shape[0], decoded=out.decoded.tokens.shape[0],
-                      per_modality={mod: float(per[:, i].detach().mean()) for i, mod in enumerate(mods)})
-    stats.patch_disc, stats.infonce = float(patch_disc.detach()), float(infonce.detach())
+    stats = torch.cat([torch.stack([loss, patch_disc, infonce]), per.mean(0)]).detach().float()
     return loss, stats
 
 
@@ -105,6 +101,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                            weight_decay=cfg.optim.weight_decay, fused=fused)
         self.step = 0
+        try:  # the limit the step line's achieved FLOP/s is compared with (CPU: measured, ~0.5 s)
+            self.peak: float | None = perf.peak_flops(device)[0]
+        except ValueError:  # a GPU without a datasheet entry: FLOP/s only
+            self.peak = None
         steps_per_epoch = len(loader)
         self.max_steps = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
         self.history: list[dict] = []
@@ -150,35 +150,75 @@ class Trainer:
         for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             g.copy_(reduced)
 
+    def _stage(self, batch: MaskedViews) -> tuple[list[tuple[MaskedViews, MicrobatchPlan]], list[MicrobatchPlan]]:
+        """The microbatches with their plans on the device, and the plans on the host. On CUDA
+        everything is page-locked first: a copy from pageable memory synchronises the stream, a
+        pinned one does not."""
+        cfg = self.cfg
+        staged, plans = [], []
+        for mb in batch.microbatches(cfg.data.rank_microbatch_size):
+            plan = self.model.plan(mb.data, mb.masks, mb.patch_size, cfg.loss.mask_negatives_for_modalities)
+            plans.append(plan)
+            if self.device.type == "cuda":
+                mb, plan = mb.pin_memory(), plan.pin_memory()
+            staged.append((mb.to(self.device, non_blocking=True), plan.to(self.device, non_blocking=True)))
+        return staged, plans
+
+    def _accumulate(self, staged, count: int) -> list[Tensor]:
+        """Forward and backward of the first ``count`` microbatches; their statistics (device)."""
+        out = []
+        for mb, plan in staged[:count]:
+            loss, stats = microbatch_loss(self.model, mb, self.cfg, self.autocast, plan)
+            (loss / len(staged)).backward()
+            out.append(stats)
+        return out
+
     def train_step(self, batch: MaskedViews) -> tuple[StepStats, float]:
+        """One optimizer step on a rank batch. Two host syncs in all: the microbatches'
+        statistics and finiteness are read once after their backward passes, the gradient norm
+        once after clipping (per-microbatch reads would stall the device's launch queue).
+
+        A non-finite microbatch loss ends the accumulation there, as in the reference (its
+        `break` precedes that microbatch's backward): the step is replayed from its saved RNG
+        state through the microbatches before it, so the gradients are exactly those the
+        reference keeps, and the optimizer still steps. This costs time only on such steps.
+        """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        micro = batch.microbatches(self.cfg.data.rank_microbatch_size)
-        total = StepStats()
-        for mb in micro:
-            mb = mb.to(self.device, non_blocking=True)
-            loss, stats = microbatch_loss(self.model, mb, self.cfg, self.autocast)
-            if not torch.isfinite(loss):
-                total.nonfinite = True
-                self.log(f"warning: non-finite loss at step {self.step}; skipping the remaining microbatches")
-                break
-            (loss / len(micro)).backward()
-            total.loss += float(loss.detach()) / len(micro)
-            total.patch_disc += stats.patch_disc / len(micro)
-            total.infonce += stats.infonce / len(micro)
-            total.encoded += stats.encoded
-            total.decoded += stats.decoded
-            for k, v in stats.per_modality.items():
-                total.per_modality[k] = total.per_modality.get(k, 0.0) + v / len(micro)
+        staged, plans = self._stage(batch)
+        work = perf.plan_work(plans, self.cfg)  # host arithmetic while the device works
+        n = len(staged)
+        rng = _torch_rng_state()
+        stats = torch.stack(self._accumulate(staged, n))  # [n, 3 + M]
+        finite = torch.isfinite(stats[:, 0])
+        host = torch.cat([finite.float()[:, None], stats], 1).tolist()  # host sync 1 of 2
+        good = next((i for i, row in enumerate(host) if not row[0]), n)
+        if good < n:
+            self.log(f"warning: non-finite loss at step {self.step}, microbatch {good}; keeping the gradients of "
+                     f"the {good} microbatch(es) before it")
+            after = _torch_rng_state()
+            _set_torch_rng_state(rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._accumulate(staged, good)
+            _set_torch_rng_state(after)
         self._allreduce_grads()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
         lr = lr_at(self.step, self.cfg, self.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.step += 1
-        return total, grad_norm
+        total = StepStats(nonfinite=good < n, encoded=int(work.tokens["encoder_tokens"]),
+                          decoded=int(work.tokens["decoder_queries"]), flops=work.ours_total, ref_flops=work.ref_total)
+        mods = plans[0].layout.modalities
+        for row in host[:good]:
+            total.loss += row[1] / n
+            total.patch_disc += row[2] / n
+            total.infonce += row[3] / n
+            for k, v in zip(mods, row[4:]):
+                total.per_modality[k] = total.per_modality.get(k, 0.0) + v / n
+        return total, float(grad_norm)  # host sync 2 of 2
 
     def fit(self) -> list[dict]:
         cfg = self.cfg
@@ -244,7 +284,11 @@ class Trainer:
         rec = {"step": self.step, "loss": s.loss, "patch_disc": s.patch_disc, "infonce": s.infonce,
                "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": n / dt,
                "encoded_tok_per_s": s.encoded * self.world_size / dt, "decoded_tok_per_s": s.decoded * self.world_size / dt,
-               "patch_size": batch.patch_size, "hw_p": batch.hw_p, "step_time": dt}
+               "patch_size": batch.patch_size, "hw_p": batch.hw_p, "step_time": dt,
+               # achieved FLOP/s of the work model's useful work; work_ratio = reference / ours
+               "tflops": s.flops / dt / 1e12, "work_ratio": s.ref_flops / max(s.flops, 1.0)}
+        if self.peak is not None:
+            rec["peak_fraction"] = s.flops / dt / self.peak
         if self.device.type == "cuda":
             rec["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:  # peak resident set size of the process (ru_maxrss is in KiB on Linux)
@@ -263,10 +307,23 @@ class Trainer:
         eta = elapsed / done * (self.max_steps - self.step) if done else 0.0
         width = len(str(self.max_steps))
         mem = f" | mem {rec['mem_gib']:.2f} GiB"
+        frac = f" ({100 * rec['peak_fraction']:.0f}% of peak)" if "peak_fraction" in rec else ""
         self.log(f"step {self.step:>{width}}/{self.max_steps} | loss {s.loss:.4f} | infonce {s.infonce:.4f} "
                  f"| gnorm {grad_norm:.3f} | lr {rec['lr']:.2e} | {rec['samples_per_s']:.1f} samples/s "
                  f"| enc {rec['encoded_tok_per_s'] / 1e3:.1f}k tok/s | dec {rec['decoded_tok_per_s'] / 1e3:.1f}k tok/s"
-                 f"{mem} | p={batch.patch_size} hw={batch.hw_p} | eta {_fmt_time(eta)}")
+                 f" | {rec['tflops']:.3f} TFLOP/s{frac}{mem} | p={batch.patch_size} hw={batch.hw_p} "
+                 f"| eta {_fmt_time(eta)}")
+
+
+def _torch_rng_state() -> tuple:
+    """torch's generators (CPU, and every CUDA device's): what dropout draws depend on."""
+    return (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _set_torch_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def _fmt_time(seconds: float) -> str:

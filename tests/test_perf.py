@@ -172,8 +172,8 @@ def test_reference_agrees_with_the_flop_counter(tmp_path, demo_dataset):
     step = reference_step.ReferenceStep(model, cfg, "best")
     seen = _counted(lambda: step(b))
     w = perf.step_work(b, cfg)
-    assert seen["conv"] == pytest.approx(w.ref["patch_embed"], rel=0.05)
-    assert seen["linear"] == pytest.approx(w.ref["encoder_linear"] + w.ref["decoder_linear"] + w.ref["infonce"],
-                                           rel=0.05)
+    # ref_best's patch projection is a Linear on CPU (a conv elsewhere): one group with the Linears
+    linear = w.ref["patch_embed"] + w.ref["encoder_linear"] + w.ref["decoder_linear"] + w.ref["infonce"]
+    assert seen["conv"] + seen["linear"] == pytest.approx(linear, rel=0.05)
     assert seen["bmm"] == pytest.approx(w.ref["loss"], rel=0.05)  # the vectorised loss's two bmm + backward
     assert w.ratio > 1.2  # padding, per-view target and the all-token head and loss

@@ -59,6 +59,14 @@ class Segments:
     def batch(self) -> int:
         return self.cu_seqlens.shape[0] - 1
 
+    def to(self, device: torch.device, non_blocking: bool = False) -> Segments:
+        """On ``device``, keeping the host-side lengths (a plan made on the CPU: no sync later)."""
+        return Segments(self.cu_seqlens.to(device, non_blocking=non_blocking),
+                        self.sample_ids.to(device, non_blocking=non_blocking), self.max_len, None, self._host)
+
+    def pin_memory(self) -> Segments:
+        return Segments(self.cu_seqlens.pin_memory(), self.sample_ids.pin_memory(), self.max_len, None, self._host)
+
     def host(self) -> list[int]:
         """cu_seqlens as Python ints (a device sync on CUDA; free on CPU), cached."""
         if self._host is None:

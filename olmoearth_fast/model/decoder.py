@@ -22,6 +22,7 @@ from olmoearth_fast.model.bandset_merge import BandsetUnmerge
 from olmoearth_fast.model.encoder import Packed, pack_positions
 from olmoearth_fast.model.encodings import CompositeEncodings
 from olmoearth_fast.model.layout import TokenLayout
+from olmoearth_fast.model.plan import PackPlan
 from olmoearth_fast.ops.packing import gather_rows
 
 
@@ -60,10 +61,12 @@ class Decoder(nn.Module):
         ctx = self.encoder_to_decoder_embed(self.input_norm(ctx))
         return ctx + self.composite_encodings(layout, timestamps, patch_size, positions=index), seg
 
-    def forward(self, enc: Packed, layout: TokenLayout, mask: Tensor, timestamps: Tensor, patch_size: int) -> Packed:
-        """Predictions at the DECODER positions of ``layout`` (``mask`` [B, N] codes), packed."""
+    def forward(self, enc: Packed, layout: TokenLayout, mask: Tensor, timestamps: Tensor, patch_size: int,
+                plan: PackPlan | None = None) -> Packed:
+        """Predictions at the DECODER positions of ``layout`` (``mask`` [B, N] codes), packed
+        (where ``plan``, made on the host, says, if given)."""
         context, ctx_seg = self._context(enc, layout, mask, timestamps, patch_size)
-        _, index, seg = pack_positions(None, mask == MaskValue.DECODER)
+        _, index, seg = pack_positions(None, mask == MaskValue.DECODER, plan)
         q = self.mask_token + self.composite_encodings(layout, timestamps, patch_size, positions=index)
         for blk in self.blocks:
             q = blk(q, seg, context, ctx_seg)

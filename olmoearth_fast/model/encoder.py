@@ -25,6 +25,7 @@ from olmoearth_fast.model.attention import Block, Segments, init_linear_xavier
 from olmoearth_fast.model.bandset_merge import BandsetMerge
 from olmoearth_fast.model.encodings import CompositeEncodings
 from olmoearth_fast.model.layout import Segment, TokenLayout
+from olmoearth_fast.model.plan import PackPlan
 from olmoearth_fast.ops.packing import gather_rows, scatter_rows, varlen_index
 
 
@@ -44,10 +45,15 @@ class Packed:
         return scatter_rows(self.tokens, self.index, b * n).unflatten(0, (b, n))
 
 
-def pack_positions(tokens_or_none: Tensor | None, keep: Tensor) -> tuple[Tensor | None, Tensor, Segments]:
-    """varlen-index ``keep [B, N]`` once; gather ``tokens [B, N, D]`` if given."""
-    index, cu_seqlens, max_seqlen = varlen_index(keep)
-    seg = Segments.from_cu_seqlens(cu_seqlens, index.shape[0], int(max_seqlen))
+def pack_positions(tokens_or_none: Tensor | None, keep: Tensor,
+                   plan: PackPlan | None = None) -> tuple[Tensor | None, Tensor, Segments]:
+    """varlen-index ``keep [B, N]`` once (or take the host-made ``plan`` of it: no device sync);
+    gather ``tokens [B, N, D]`` if given."""
+    if plan is not None:
+        index, seg = plan.index, plan.seg
+    else:
+        index, cu_seqlens, max_seqlen = varlen_index(keep)
+        seg = Segments.from_cu_seqlens(cu_seqlens, index.shape[0], int(max_seqlen))
     packed = None if tokens_or_none is None else gather_rows(tokens_or_none.flatten(0, 1), index)
     return packed, index, seg
 
@@ -115,14 +121,18 @@ class Encoder(nn.Module):
         return x
 
     def forward(self, patch_tokens: dict[str, Tensor], mask: Tensor, layout: TokenLayout, timestamps: Tensor,
-                patch_size: int) -> tuple[Packed, Tensor]:
-        """patch_tokens {m: [B, *grid, BS, D]}, mask [B, N] codes → (packed ONLINE tokens, pooled [B, D])."""
+                patch_size: int, plan: PackPlan | None = None) -> tuple[Packed, Tensor]:
+        """patch_tokens {m: [B, *grid, BS, D]}, mask [B, N] codes → (packed ONLINE tokens, pooled [B, D]).
+
+        ``plan``: the packing of ``mask == ONLINE`` made on the host (`model/plan.py`); not used
+        with bandset merge, which packs the merged tokens here."""
         full = layout.flatten(patch_tokens)
         merge_now = len(self.bandset_merge) > 0 and self.merge_after_layer == -1
         if merge_now:
             full = full + self.composite_encodings(layout, timestamps, patch_size)
             full, layout, mask = self._merge(full, layout, mask)
-        x, index, seg = pack_positions(full, mask == MaskValue.ONLINE_ENCODER)
+        x, index, seg = pack_positions(full, mask == MaskValue.ONLINE_ENCODER,
+                                       None if len(self.bandset_merge) else plan)
         if not merge_now:
             x = x + self.composite_encodings(layout, timestamps, patch_size, positions=index)
         if len(self.bandset_merge) > 0 and self.merge_after_layer >= 0:

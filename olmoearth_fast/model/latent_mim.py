@@ -20,6 +20,7 @@ from olmoearth_fast.model.decoder import Decoder
 from olmoearth_fast.model.encoder import Encoder, Packed
 from olmoearth_fast.model.layout import TokenLayout
 from olmoearth_fast.model.patch_embed import MultiModalPatchEmbeddings
+from olmoearth_fast.model.plan import MicrobatchPlan, plan_microbatch
 
 # The reference's MODEL_SIZE_ARGS (internal/utils.py; FEB ⊂ HEAD):
 # (encoder D, encoder depth, encoder heads, decoder D, decoder depth, decoder heads, mlp_ratio)
@@ -83,19 +84,27 @@ class LatentMIM(nn.Module):
     def layout(self, data: dict[str, Tensor], patch_size: int) -> TokenLayout:
         return TokenLayout.build(data, patch_size, self.tokenization, self.cfg.modalities)
 
+    def plan(self, data: dict[str, Tensor], view_masks: list[dict[str, Tensor]], patch_size: int,
+             mask_negatives_for: tuple[str, ...] | None) -> MicrobatchPlan:
+        """Host-side packing plan of a microbatch (host tensors in, host tensors out)."""
+        return plan_microbatch(self.layout(data, patch_size), view_masks, self.cfg.merge_bandsets,
+                               mask_negatives_for)
+
     @torch.no_grad()
     def target(self, data: dict[str, Tensor], layout: TokenLayout) -> Tensor:
         """[B, N, D] frozen projection of the full input (identical for every view)."""
         return layout.flatten(self.target_patch_embeddings(data, layout.patch_size))
 
     def forward(self, data: dict[str, Tensor], timestamps: Tensor, masks: Tensor, layout: TokenLayout,
-                with_target: bool = False) -> ViewOutput:
+                with_target: bool = False, plan: MicrobatchPlan | None = None) -> ViewOutput:
         """Encode and decode V views of one batch in a single pass.
 
         ``data`` ({m: [B, ...]}) and ``timestamps`` [B, T, 3] are shared by the views;
         ``masks`` [V·B, N] holds the token codes of the views stacked along the batch.
         ``with_target`` also returns `target(data, layout)`, computed in the same patch
         embedding pass (on CPU the views and the target share each bandset's resized image).
+        ``plan`` (`model/plan.py`, made on the host from the same masks) supplies the packings, so
+        that the device never reads a size back.
         """
         p = layout.patch_size
         b = timestamps.shape[0]
@@ -110,8 +119,8 @@ class LatentMIM(nn.Module):
         else:
             tokens = self.patch_embeddings(data, p, num_views=views)
         timestamps = timestamps.repeat(views, 1, 1) if views > 1 else timestamps
-        encoded, pooled = self.encoder(tokens, masks, layout, timestamps, p)
-        decoded = self.decoder(encoded, layout, masks, timestamps, p)
+        encoded, pooled = self.encoder(tokens, masks, layout, timestamps, p, None if plan is None else plan.online)
+        decoded = self.decoder(encoded, layout, masks, timestamps, p, None if plan is None else plan.decoder)
         return ViewOutput(encoded, pooled, decoded, target)
 
     def encode(self, data: dict[str, Tensor], timestamps: Tensor, patch_size: int,

@@ -1,0 +1,114 @@
+"""The host-side plan of a microbatch: every data-dependent index the step needs, from CPU masks.
+
+The loader's masks live on the host. Everything in a training step whose size depends on the
+masks (the token codes, the packed positions of the ONLINE and DECODER tokens, their
+``cu_seqlens`` and longest lengths, the loss's (view, sample, modality) segments) is computed
+here, on the CPU, before the microbatch goes to the device, and copied with it (pinned,
+non-blocking). The device step then never reads a size back: on CUDA each such read
+(`.item()`, `nonzero`, a `varlen_index` whose output length is data-dependent) is a host sync
+that stalls the launch queue, and a pageable host-to-device copy is one too.
+
+The model takes the plan's packings in place of packing on the device (`LatentMIM.forward`'s
+``plan``); without a plan (evaluation, embedding export) it packs on the device as before, with
+the same result. The bandset-merge experiments (9, 10, 12) pack their merged tokens on the
+device: the merge's index depends on per-bandset codes the plan does not carry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from olmoearth_fast.modalities import MaskValue
+from olmoearth_fast.model.attention import Segments
+from olmoearth_fast.model.layout import TokenLayout
+from olmoearth_fast.ops.packing import varlen_index
+
+ONLINE, DECODER = int(MaskValue.ONLINE_ENCODER), int(MaskValue.DECODER)
+
+
+@dataclass
+class PackPlan:
+    """Where the kept tokens of a ``[V·B, N]`` batch go in the packed ``[total, D]`` buffer."""
+
+    index: Tensor  # [total] flat positions b*N + n, sample-major
+    seg: Segments
+
+    @classmethod
+    def build(cls, keep: Tensor) -> PackPlan:
+        """From a host ``keep [B, N]`` (bool): indices, cu_seqlens, lengths read on the host."""
+        index, cu_seqlens, max_seqlen = varlen_index(keep)
+        host = cu_seqlens.tolist()  # host memory: no device involved
+        seg = Segments.from_cu_seqlens(cu_seqlens, index.shape[0], int(max_seqlen))
+        seg._host = host
+        return cls(index, seg)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> PackPlan:
+        return PackPlan(self.index.to(device, non_blocking=non_blocking), self.seg.to(device, non_blocking))
+
+    def pin_memory(self) -> PackPlan:
+        return PackPlan(self.index.pin_memory(), self.seg.pin_memory())
+
+
+@dataclass
+class LossSegments:
+    """The masked-negatives loss's segments over the packed DECODER tokens (sample-major,
+    modality-major within a sample: segment s = (view·B + b)·M + m)."""
+
+    seg_offsets: Tensor  # int32 [V·B·M + 1]
+    seg_modality: Tensor  # int32 [V·B·M], view·M + m (one loss per view and modality)
+    seg_mask_neg: Tensor  # bool [V·B·M]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> LossSegments:
+        return LossSegments(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    def pin_memory(self) -> LossSegments:
+        return LossSegments(*(t.pin_memory() for t in self))
+
+    def __iter__(self):
+        return iter((self.seg_offsets, self.seg_modality, self.seg_mask_neg))
+
+
+@dataclass
+class MicrobatchPlan:
+    layout: TokenLayout
+    masks: Tensor  # [V·B, N] token codes (int64)
+    online: PackPlan | None  # None for the bandset-merge experiments (packed on the device)
+    decoder: PackPlan
+    loss: LossSegments
+    num_views: int
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> MicrobatchPlan:
+        return MicrobatchPlan(self.layout, self.masks.to(device, non_blocking=non_blocking),
+                              None if self.online is None else self.online.to(device, non_blocking),
+                              self.decoder.to(device, non_blocking), self.loss.to(device, non_blocking),
+                              self.num_views)
+
+    def pin_memory(self) -> MicrobatchPlan:
+        return MicrobatchPlan(self.layout, self.masks.pin_memory(),
+                              None if self.online is None else self.online.pin_memory(),
+                              self.decoder.pin_memory(), self.loss.pin_memory(), self.num_views)
+
+
+def plan_microbatch(layout: TokenLayout, view_masks: list[dict[str, Tensor]], merge_bandsets: bool,
+                    mask_negatives_for: tuple[str, ...] | None) -> MicrobatchPlan:
+    """The plan of one microbatch from its host pixel masks (one dict per view)."""
+    masks = torch.cat([layout.token_masks(m) for m in view_masks])  # [V·B, N]
+    if masks.is_cuda:
+        raise ValueError("plan_microbatch: masks must be on the host (plan before moving the batch)")
+    views = len(view_masks)
+    online = None if merge_bandsets else PackPlan.build(masks == ONLINE)
+    decoder = PackPlan.build(masks == DECODER)
+    mods = layout.modalities
+    m = len(mods)
+    counts = torch.stack([(masks[:, s.slice] == DECODER).sum(1) for s in layout.segments], 1)  # [V·B, M]
+    seg_offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32)
+    seg_offsets[1:] = counts.flatten().cumsum(0)
+    b = masks.shape[0] // views
+    view_of_row = torch.arange(views * b) // b
+    seg_modality = (torch.arange(m)[None, :] + m * view_of_row[:, None]).flatten().to(torch.int32)
+    flags = torch.tensor([mask_negatives_for is None or mod in mask_negatives_for for mod in mods])
+    return MicrobatchPlan(layout, masks, online, decoder,
+                          LossSegments(seg_offsets, seg_modality, flags.repeat(views * b)), views)
