@@ -8,7 +8,8 @@ OLMOEARTH_PUBLISH (';'-separated) is copied when src changed since the last copy
 in dst's folder, then renamed over dst (atomic), so $OUT always holds a whole file with every
 case finished so far, also when the run is cut off by a time limit. benchmarks/conftest.py
 rewrites last_run.json after every case; this makes that reach $OUT as soon as the case ends,
-without a change to the benchmarks.
+without a change to the benchmarks. A src as it was when pytest started (a stale file from an
+earlier run) is never published.
 """
 
 from __future__ import annotations
@@ -26,12 +27,8 @@ def _pairs() -> list[tuple[str, str]]:
 
 def publish() -> None:
     for src, dst in _pairs():
-        try:
-            st = os.stat(src)
-        except OSError:
-            continue
-        stamp = (st.st_mtime, st.st_size)
-        if _seen.get(src) == stamp:
+        stamp = _stamp(src)
+        if stamp is None or _seen.get(src) == stamp:
             continue
         tmp = dst + ".tmp"
         try:
@@ -41,6 +38,20 @@ def publish() -> None:
             print(f"publish: {src} -> {dst} failed: {exc}")
             continue
         _seen[src] = stamp
+
+
+def _stamp(path: str) -> tuple[float, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime, st.st_size
+
+
+def pytest_configure(config):
+    for src, _ in _pairs():
+        if (stamp := _stamp(src)) is not None:
+            _seen[src] = stamp  # what was there before this run
 
 
 def pytest_runtest_logfinish(nodeid, location):

@@ -360,15 +360,20 @@ if ((REHEARSE)); then
 fi
 
 stage_bench() {
-    local rc size p steps=()
+    local rc size p steps=() table=benchmarks/last_run.json saved=""
     IFS=',' read -ra sizes <<< "$BENCH_SIZES"
     for size in "${sizes[@]}"; do
         for p in "${BENCH_STEP_PROVIDERS[@]}"; do steps+=("benchmarks/bench_train_step.py::test_train_step[$p-$size]"); done
     done
-    rm -f benchmarks/last_run.json  # a stale one (a warm machine) must not be published
-    local env=(OLMOEARTH_BENCH_SIZES="$BENCH_SIZES"
-               OLMOEARTH_PUBLISH="benchmarks/last_run.json=$OUT/bench.json"
-               PYTHONPATH="$REPO/scripts/device:$PYTHONPATH")  # publish_plugin: bench.json after every case
+    # benchmarks/conftest.py writes its table to benchmarks/last_run.json (or, where it reads
+    # OLMOEARTH_BENCH_LAST_RUN, there); publish_plugin copies whichever is written to $OUT after
+    # every case. A rehearsal (here, in a working tree) keeps a developer's last_run.json.
+    if ((REHEARSE)); then
+        [[ -f $table ]] && saved=$WORK/last_run.saved.json && cp -p "$table" "$saved"
+    fi
+    local env=(OLMOEARTH_BENCH_SIZES="$BENCH_SIZES" OLMOEARTH_BENCH_LAST_RUN="$WORK/last_run.json"
+               OLMOEARTH_PUBLISH="$WORK/last_run.json=$OUT/bench.json;$table=$OUT/bench.json"
+               PYTHONPATH="$REPO/scripts/device:$PYTHONPATH")
     [[ -n "${BENCH_ROUNDS:-}" ]] && env+=(OLMOEARTH_BENCH_ROUNDS="$BENCH_ROUNDS")
     local cmd=(env "${env[@]}" "$PY" -m pytest --benchmark-only -q -rfEs -p no:cacheprovider -p publish_plugin
                -k "${BENCH_K:-$BENCH_K_DEFAULT}")
@@ -378,6 +383,9 @@ stage_bench() {
         echo "bench: pytest could not find a node id (exit 4): selecting the step cases with -k"
         bounded "${cmd[@]}" "${BENCH_OPS[@]}" benchmarks/bench_train_step.py
         rc=$?
+    fi
+    if ((REHEARSE)); then  # put the developer's table back (or remove the rehearsal's)
+        if [[ -n "$saved" ]]; then mv -f "$saved" "$table"; else rm -f "$table"; fi
     fi
     [[ -f "$OUT/bench.json" ]] || echo "bench: no case finished (no $OUT/bench.json)"
     return $rc
