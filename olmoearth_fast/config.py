@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from olmoearth_fast.data.masking import MaskingConfig
+from olmoearth_fast.errors import UserKeyError, UserTypeError, UserValueError
 from olmoearth_fast.modalities import ONLY_DECODE_MODALITIES, TRAINING_MODALITIES
+
+DEMO_DATASET = "demo"  # data.dataset value of the generated demo dataset
 
 
 @dataclass
@@ -41,7 +44,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str | None = None  # directory of reference-format H5 samples; None = the demo dataset
+    # directory of reference-format H5 samples; DEMO_DATASET = the generated demo dataset (--demo)
+    dataset: str | None = None
     tokenization: str | dict | None = "single_bandset"  # preset name or {modality: [[bands]]}
     global_batch_size: int = 512
     rank_microbatch_size: int = 32
@@ -54,7 +58,7 @@ class DataConfig:
     num_workers: int = 4
     seed: int = 3622
     skip_corrupt: bool = False
-    demo_samples: int = 256  # size of the generated demo dataset (dataset=None)
+    demo_samples: int = 256  # size of the generated demo dataset (dataset="demo")
 
 
 @dataclass
@@ -91,6 +95,8 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     init_seed: int = 12536
+    # torch.compile of the transformer blocks; None = where it measured faster (see trainer.py)
+    compile: bool | None = None
     log_every: int = 1
 
 
@@ -212,16 +218,16 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     for item in overrides:
         text = item[2:] if item.startswith("--") else item
         if "=" not in text:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise UserValueError(f"override {item!r} is not of the form key=value (e.g. data.global_batch_size=64)")
         key, raw = text.split("=", 1)
         if key not in leaves:
             close = difflib.get_close_matches(key, leaves, n=5, cutoff=0.5)
-            hint = f"; closest: {', '.join(close)}" if close else ""
-            raise KeyError(f"unknown config key {key!r}{hint}")
+            hint = f"; closest: {', '.join(close)}" if close else "; `--dry-run` prints every key"
+            raise UserKeyError(f"unknown config key {key!r}{hint}")
         try:
             value = _coerce(_parse_value(raw), leaves[key], key)
         except TypeError as e:
-            raise TypeError(f"bad value for {key}: {e}") from None
+            raise UserTypeError(f"bad value for {key}: {e}") from None
         node = cfg
         *path, leaf = key.split(".")
         for part in path:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from olmoearth_fast.config import RunConfig
+from olmoearth_fast.config import DEMO_DATASET, RunConfig, apply_overrides
 from olmoearth_fast.data.masking import MaskingConfig
+from olmoearth_fast.errors import UserKeyError, UserValueError
 from olmoearth_fast.modalities import ONLY_DECODE_MODALITIES, TRAINING_MODALITIES
 
 WITH_ERA5 = ONLY_DECODE_MODALITIES + ("era5_10",)
@@ -141,15 +142,15 @@ def get(name: str) -> RunConfig:
     """An experiment by short name (``exp14``, ``14``) or by the reference's key."""
     short = f"exp{name}" if name.isdigit() else KEYS.get(name, name)
     if short not in EXPERIMENTS:
-        raise KeyError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)} or a reference key "
-                       f"such as {next(iter(KEYS))!r}")
+        raise UserKeyError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)} or a reference key "
+                           f"such as {next(iter(KEYS))!r}")
     return EXPERIMENTS[short]()
 
 
 def demo(cfg: RunConfig) -> RunConfig:
     """The README's demo: ``cfg`` at nano size on the embedded demo dataset, minutes on a 2-core CPU."""
     cfg.model.size = "nano"
-    cfg.data.dataset = None
+    cfg.data.dataset = DEMO_DATASET
     cfg.data.demo_samples = 256
     cfg.data.global_batch_size = 16
     cfg.data.rank_microbatch_size = 16
@@ -166,3 +167,51 @@ def demo(cfg: RunConfig) -> RunConfig:
     cfg.checkpoint.dir = "runs/demo"
     cfg.logging.wandb = False
     return cfg
+
+
+def resolve(name: str | None, overrides: list[str], demo_run: bool = False) -> RunConfig:
+    """The checked run config of experiment ``name`` (exp14 when None), under `demo` if
+    ``demo_run``, with ``a.b=c`` overrides applied.
+
+    Raises:
+        UserError: an unknown experiment, key or model size, a value of the wrong type, or a
+            setting no run can start with; the message names the setting and the fix.
+    """
+    cfg = get(name or "exp14")
+    if demo_run:
+        cfg = demo(cfg)
+    cfg = apply_overrides(cfg, overrides)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: RunConfig) -> None:
+    """Settings that fail before the first step, caught before data or model are built."""
+    import os
+
+    import torch
+
+    from olmoearth_fast.modalities import as_tokenization, check_modalities
+    from olmoearth_fast.model.latent_mim import MODEL_SIZES
+
+    m, d, t = cfg.model, cfg.data, cfg.trainer
+    if m.dims is None and m.size not in MODEL_SIZES:
+        raise UserKeyError(f"unknown model size model.size={m.size!r}; valid: {', '.join(MODEL_SIZES)} "
+                           f"(or model.dims=[D, depth, heads, dec D, dec depth, dec heads, mlp_ratio])")
+    try:
+        check_modalities(m.modalities, "model.modalities")
+        as_tokenization(d.tokenization)
+    except ValueError as e:  # the message names the bad modality/band and lists the valid ones
+        raise UserValueError(str(e)) from None
+    if d.global_batch_size < 1 or d.rank_microbatch_size < 1:
+        raise UserValueError(f"data.global_batch_size={d.global_batch_size} and data.rank_microbatch_size="
+                             f"{d.rank_microbatch_size} must be >= 1")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise UserValueError(f"trainer.precision={t.precision!r}: use auto, bf16 or fp32")
+    if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
+        raise UserValueError(f"trainer.device={t.device!r}: use auto, cpu or cuda")
+    if t.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserValueError(f"trainer.device={t.device} but torch sees no CUDA device: use trainer.device=auto")
+    if cfg.eval.knn_dataset is not None and not os.path.exists(cfg.eval.knn_dataset):
+        raise UserValueError(f"eval.knn_dataset={cfg.eval.knn_dataset}: no such path; point it at a GEO-Bench "
+                             f"m-eurosat or torchgeo EuroSATallBands directory, or drop the override")

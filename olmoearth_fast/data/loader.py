@@ -34,6 +34,7 @@ from olmoearth_fast.data.collate import MaskedViews, collate_views
 from olmoearth_fast.data.dataset import OlmoEarthH5Dataset, Sample
 from olmoearth_fast.data.h5 import CorruptSampleError
 from olmoearth_fast.data.masking import MaskingConfig, MaskingStrategy, build_masking
+from olmoearth_fast.errors import UserValueError
 from olmoearth_fast.modalities import TRAINING_MODALITIES, TokenizationConfig, as_tokenization
 
 logger = logging.getLogger(__name__)
@@ -93,8 +94,8 @@ class OlmoEarthLoader:
             dataset = OlmoEarthH5Dataset(dataset, training_modalities, skip_corrupt=skip_corrupt)
         self.dataset = dataset
         if global_batch_size < 1 or world_size < 1 or global_batch_size % world_size:
-            raise ValueError(f"global_batch_size={global_batch_size} must be a positive "
-                             f"multiple of world_size={world_size}")
+            raise UserValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                                 f"world_size={world_size}: set data.global_batch_size accordingly")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         if num_views not in (1, 2):
@@ -133,10 +134,14 @@ class OlmoEarthLoader:
         self.multiprocessing_context = multiprocessing_context
         self.tile_size = dataset.tile_size
         if not any(h * p <= self.tile_size for p in self.patch_sizes for h in self.hw_p_list):
-            raise ValueError(f"no (patch_size, hw_p) pair fits the {self.tile_size}-px tiles")
+            raise UserValueError(f"no (patch_size, hw_p) pair fits the dataset's {self.tile_size}-px tiles "
+                                 f"(patch_sizes={self.patch_sizes}, hw_p_list={self.hw_p_list}): lower "
+                                 f"data.patch_sizes or data.hw_p_list")
         if len(dataset) < self.global_batch_size:
-            raise ValueError(f"dataset has {len(dataset)} samples, fewer than "
-                             f"global_batch_size={self.global_batch_size}")
+            most = len(dataset) // self.world_size * self.world_size
+            raise UserValueError(f"dataset {dataset.root} has {len(dataset)} samples, fewer than one global batch "
+                                 f"of {self.global_batch_size}: lower data.global_batch_size (to at most {most}, "
+                                 f"a multiple of the {self.world_size} rank(s)) or use a larger dataset")
         self.epoch = 1
         self.batches_processed = 0
         self._order_epoch: int | None = None
