@@ -4,8 +4,10 @@
     linprobe  EuroSAT linear probe accuracy (BatchNorm + Linear, 50 epochs, lr sweep optional)
     embed     mean-pooled embeddings of an OlmoEarth H5 dataset -> .npy or .parquet
 
-CKPT is a checkpoint file, a run directory (latest checkpoint) or an export directory
-(config.json + weights.pth). EuroSAT is either GEO-Bench m-eurosat or torchgeo EuroSATallBands
+CKPT is a checkpoint file, a run directory (latest checkpoint), an export directory, or a
+checkpoint directory of the reference (config.json + weights.pth, as olmoearth_pretrain's
+model_loader reads them; Linear or Conv2d patch embeddings, February-2026 pos_embed tables and
+the merge modules of exps 9, 10, 12 are all taken). EuroSAT is either GEO-Bench m-eurosat or torchgeo EuroSATallBands
 (detected; --layout forces one). Results go to stdout as JSON (and --json FILE).
 """
 
@@ -18,6 +20,8 @@ import sys
 import time
 
 import torch
+
+from olmoearth_fast.errors import UserError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -107,9 +111,23 @@ def _lrs(text: str) -> list[float]:
         ) from None
 
 
+def _load(path: str, device: str, random_init: bool):
+    """A checkpoint of ours (`load_model`) or a reference checkpoint directory, in eval mode."""
+    from olmoearth_fast.checkpoint import load_reference
+    from olmoearth_fast.eval.embeddings import load_model, resolve_device
+
+    config = os.path.join(path, "config.json")
+    if os.path.isfile(config) and os.path.isfile(os.path.join(path, "weights.pth")):
+        with open(config) as f:
+            saved = json.load(f)
+        if "olmoearth_fast" not in saved and "model" in saved:  # the reference's own, not our export
+            return load_reference(path, resolve_device(device), random_init)
+    return load_model(path, device, random_init)
+
+
 def run(args: argparse.Namespace) -> dict:
     from olmoearth_fast.eval.datasets import load_eurosat
-    from olmoearth_fast.eval.embeddings import embed_images, load_model
+    from olmoearth_fast.eval.embeddings import embed_images
 
     t0 = time.perf_counter()
     ds = None
@@ -119,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(
             f"--dataset {args.dataset}: expected a directory of OlmoEarth H5 samples (sample_*.h5)"
         )
-    model, cfg = load_model(args.checkpoint, args.device, args.random_init)
+    model, cfg = _load(args.checkpoint, args.device, args.random_init)
     out = {
         "command": args.command,
         "checkpoint": args.checkpoint,
@@ -193,7 +211,7 @@ def main(argv=None) -> None:
     args = parse(argv)
     try:
         out = run(args)
-    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
+    except (UserError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     text = json.dumps(out, indent=1)
     print(text)
