@@ -364,3 +364,37 @@ def test_unsupported_reference_options_are_named():
     config["encoder_config"]["num_register_tokens"] = 4
     with pytest.raises(UserValueError, match="encoder_config.num_register_tokens=4 is not implemented"):
         reference_run_config(config)
+
+
+def test_training_starts_from_a_reference_checkpoint(tmp_path, capsys):
+    """`--init-from` with a 0.1.2 checkpoint (Linear layout) of exp14's model, through the launcher."""
+    from olmoearth_pretrain.config import Config
+
+    from olmoearth_fast import experiments
+    from olmoearth_fast.checkpoint import reference_model_config
+    from olmoearth_fast.data.demo import ensure_demo_dataset
+    from olmoearth_fast.train import main
+    from olmoearth_fast.trainer import build_model
+
+    cfg = experiments.resolve("exp14", [], demo_run=True)
+    config = reference_model_config(cfg)
+    config["encoder_config"]["use_linear_patch_embed"] = True
+    torch.manual_seed(3)
+    ref = Config.from_dict(config).build()
+    with torch.no_grad():  # every tensor distinguishable from a fresh init
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "config.json").write_text(json.dumps({"model": config}))
+    torch.save(ref.state_dict(), tmp_path / "ref" / "weights.pth")
+    model = build_model(cfg, torch.device("cpu"))
+    init_from(model, cfg, str(tmp_path / "ref"))
+    assert torch.equal(model.decoder.mask_token, ref.decoder.mask_token)
+    assert torch.equal(model.encoder.norm.weight, ref.encoder.norm.weight)
+    data = ensure_demo_dataset(tmp_path / "demo_data", num_samples=8, tile_size=32)
+    main(["--demo", f"data.dataset={data}", f"checkpoint.dir={tmp_path / 'run'}", "data.num_workers=0",
+          "data.global_batch_size=4", "data.rank_microbatch_size=4", "trainer.max_steps=1", "logging.plot=False",
+          "--init-from", str(tmp_path / "ref")])
+    out = capsys.readouterr().out
+    assert f"initialised with weights from {tmp_path / 'ref'} (reference layout; " in out
+    assert "Linear patch embeddings reshaped to Conv2d" in out
