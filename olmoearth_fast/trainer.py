@@ -95,6 +95,10 @@ class Trainer:
         self.autocast = device.type == "cuda" and cfg.trainer.precision in ("auto", "bf16")
         if cfg.trainer.precision == "bf16" and device.type != "cuda":
             raise ValueError("trainer.precision=bf16 needs CUDA; use fp32 (or auto) on CPU")
+        self.compiled = cfg.trainer.compile if cfg.trainer.compile is not None else COMPILE_BY_DEFAULT[device.type]
+        if self.compiled:
+            model.compile_blocks()
+        self._graphs = _compiled_graphs()
         fused = cfg.optim.fused if cfg.optim.fused is not None else device.type == "cuda"
         params = [p for p in model.parameters() if p.requires_grad]
         # one parameter group, weight decay on every parameter (as the reference's AdamW config)
@@ -233,6 +237,12 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     samples += batch.batch_size * self.world_size
                     self._log_step(stats, grad_norm, dt, batch, t_start)
+                    if self.compiled and self.rank == 0:
+                        graphs = _compiled_graphs()
+                        if graphs != self._graphs:
+                            self.log(f"compile: {graphs} graphs after step {self.step} (+{graphs - self._graphs}; "
+                                     "a new shape class or first use)")
+                            self._graphs = graphs
                     if self._knn_dataset is not None and self.step % cfg.eval.every == 0:
                         self.evaluate()
                     if self.step % cfg.checkpoint.save_every == 0 or self.step >= self.max_steps \
@@ -315,6 +325,17 @@ class Trainer:
                  f"| eta {_fmt_time(eta)}")
 
 
+# `trainer.compile` when not set: where compiling the blocks measured faster (benchmarks/RESULTS.md).
+COMPILE_BY_DEFAULT = {"cuda": True, "cpu": False}
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (new ones after warm-up = recompiles)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _torch_rng_state() -> tuple:
     """torch's generators (CPU, and every CUDA device's): what dropout draws depend on."""
     return (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
@@ -342,6 +363,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> LatentMIM:
 def check_dataset_modalities(dataset, modalities: tuple[str, ...]) -> None:
     """A clear error when the dataset holds none of some modality the experiment trains on."""
     from olmoearth_fast.data.h5 import read_metadata
+    from olmoearth_fast.errors import UserValueError
 
     meta = read_metadata(dataset.root)
     if meta is None:
@@ -349,30 +371,45 @@ def check_dataset_modalities(dataset, modalities: tuple[str, ...]) -> None:
     absent = [m for m in modalities if m not in meta.columns or int(meta[m].sum()) == 0]
     if absent:
         have = [m for m in LOSS_FIELD_ORDER if m in meta.columns and int(meta[m].sum()) > 0]
-        raise ValueError(f"dataset {dataset.root} has no sample with {absent} (it has {have}); the experiment trains "
-                         f"on {list(modalities)}. Choose another dataset or set model.modalities.")
-
+        raise UserValueError(f"dataset {dataset.root} has no sample with {absent} (it has {have}), which the "
+                             f"experiment trains on: choose another data.dataset, or set model.modalities={have}")
 
 
 def build_loader(cfg: RunConfig, rank: int, world_size: int, run_dir: str, pin_memory: bool = False):
     """The rank's two-view loader; ``pin_memory`` (for CUDA training with workers) page-locks the
-    batches so the trainer's non-blocking host-to-device copy overlaps."""
+    batches so the trainer's non-blocking host-to-device copy overlaps.
+
+    Raises:
+        UserError: no dataset given, a path without samples, a dataset without the experiment's
+            modalities, or fewer samples than the global batch.
+    """
+    from olmoearth_fast.config import DEMO_DATASET
+    from olmoearth_fast.data.dataset import OlmoEarthH5Dataset
     from olmoearth_fast.data.demo import ensure_demo_dataset
     from olmoearth_fast.data.loader import OlmoEarthLoader
+    from olmoearth_fast.errors import UserFileNotFoundError, UserValueError
 
     d = cfg.data
-    dataset = d.dataset
-    if dataset is None:
-        # the embedded demo dataset, generated once next to the runs (a few seconds)
-        root = os.path.join(os.path.dirname(run_dir.rstrip("/")) or ".", "demo_data")
+    path = d.dataset
+    if path is None:
+        raise UserValueError("no dataset: pass data.dataset=/path/to/h5_dataset (a directory of reference-format "
+                             "sample_*.h5 files), or --demo to train on the generated demo data")
+    if path == DEMO_DATASET:
+        # the demo dataset, generated once next to the runs (a few seconds)
+        path = os.path.join(os.path.dirname(run_dir.rstrip("/")) or ".", "demo_data")
         if rank == 0:
-            ensure_demo_dataset(root, num_samples=d.demo_samples)
+            ensure_demo_dataset(path, num_samples=d.demo_samples)
         if world_size > 1:
             dist.barrier()
-        dataset = root
-    elif not os.path.isdir(dataset):
-        raise FileNotFoundError(f"data.dataset={dataset!r} is not a directory (expected sample_*.h5 files "
-                                f"in the reference layout)")
+    elif not os.path.isdir(path):
+        raise UserFileNotFoundError(f"data.dataset={path} is not a directory: point it at a directory of "
+                                    f"reference-format sample_*.h5 files, or use --demo")
+    try:
+        dataset = OlmoEarthH5Dataset(path, cfg.model.modalities, skip_corrupt=d.skip_corrupt)
+    except FileNotFoundError as e:  # no sample_*.h5, or none left after the metadata filter
+        raise UserFileNotFoundError(f"data.dataset={path}: {e}; expected reference-format sample_*.h5 files "
+                                    f"(with sample_metadata.csv), or use --demo") from None
+    check_dataset_modalities(dataset, cfg.model.modalities)
     return OlmoEarthLoader(dataset, d.global_batch_size, seed=d.seed, rank=rank, world_size=world_size,
                            num_workers=d.num_workers, patch_sizes=d.patch_sizes, hw_p_list=d.hw_p_list,
                            token_budget=d.token_budget, masking=cfg.masking, tokenization=d.tokenization,
@@ -381,22 +418,55 @@ def build_loader(cfg: RunConfig, rank: int, world_size: int, run_dir: str, pin_m
                            pin_memory=pin_memory and d.num_workers > 0)
 
 
-def plot_history(history: list[dict], run_dir: str) -> str:
+def plot_history(history: list[dict], run_dir: str, knn: dict | None = None) -> str:
+    """Loss curves (raw, faint, under a moving average that shows the trend) and, given ``knn``
+    ({"random": acc, "trained": acc, "chance": acc, "title": str}), the demo's kNN panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+
+    def smooth(values: np.ndarray, window: int) -> np.ndarray:
+        """Centred moving average; the window shrinks at the ends (no lag, no pull towards 0)."""
+        n, half = len(values), window // 2
+        cum = np.concatenate([[0.0], np.cumsum(values)])
+        lo, hi = np.clip(np.arange(n) - half, 0, n), np.clip(np.arange(n) + half + 1, 0, n)
+        return (cum[hi] - cum[lo]) / (hi - lo)
 
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot(steps, [h["loss"] for h in history], label="total")
-    ax[0].plot(steps, [h["patch_disc"] for h in history], label="patch discrimination", alpha=0.7)
-    ax[0].set_xlabel("step")
-    ax[0].set_title("loss")
-    ax[0].legend()
-    ax[1].plot(steps, [h["infonce"] for h in history], color="tab:green")
-    ax[1].set_xlabel("step")
-    ax[1].set_title("InfoNCE (weighted)")
+    # about 20 windows over the run: step-to-step noise (batch composition) is several times the
+    # trend of a short run, so the raw curve alone looks flat
+    window = max(5, len(steps) // 20)
+    fig, axes = plt.subplots(1, 3 if knn else 2, figsize=(15 if knn else 10, 3.8))
+    for ax, keys, title in ((axes[0], (("loss", "total", "tab:blue"), ("patch_disc", "patch discrimination",
+                                                                         "tab:orange")), "loss"),
+                            (axes[1], (("infonce", "InfoNCE", "tab:green"),), "InfoNCE (weighted)")):
+        lows, highs = [], []
+        for key, label, color in keys:
+            raw = np.array([h[key] for h in history], dtype=np.float64)
+            smoothed = smooth(raw, window)
+            ax.plot(steps, raw, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(steps, smoothed, color=color, linewidth=2, label=f"{label} (mean of {window} steps)")
+            lows.append(np.percentile(raw, 2))
+            highs.append(np.percentile(raw, 98))
+        if steps:  # clip the first steps' spike so the trend keeps the vertical range
+            pad = 0.05 * (max(highs) - min(lows) or 1.0)
+            ax.set_ylim(min(lows) - pad, max(highs) + pad)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    if knn:
+        ax = axes[2]
+        values = [knn["random"], knn["trained"]]
+        bars = ax.bar(["random init", "trained"], values, color=["tab:gray", "tab:blue"])
+        for bar, v in zip(bars, values):
+            ax.text(bar.get_x() + bar.get_width() / 2, v + 0.01, f"{v:.3f}", ha="center", va="bottom")
+        if knn.get("chance") is not None:
+            ax.axhline(knn["chance"], color="k", linestyle=":", linewidth=1, label=f"chance {knn['chance']:.2f}")
+            ax.legend(fontsize=8, loc="upper left")
+        ax.set_ylim(0, 1)
+        ax.set_title(knn.get("title", "kNN accuracy"), fontsize=9)
     fig.tight_layout()
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "loss_curve.png")

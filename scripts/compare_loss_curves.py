@@ -1,6 +1,7 @@
 """Train ours and the reference side by side on the same batches and compare the loss curves.
 
     python scripts/compare_loss_curves.py --steps 100 --size nano [--device auto|cpu|cuda] [--out curves.json]
+    python scripts/compare_loss_curves.py --compare compiled --steps 200   # ours eager vs compiled
     python scripts/compare_loss_curves.py --steps 200 --size base_shallow_decoder --device cuda \\
         [--batch 64 --micro 32 --patch-size 4 --hw-p 8 --token-budget 2250 --lr 2e-4] [a.b=value ...]
 
@@ -104,6 +105,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256, help="demo dataset size")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds; stop after the step that crosses it")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compare", choices=("ref", "compiled"), default="ref",
+                    help="ref: ours vs the reference's fastest configuration; compiled: ours eager vs ours with "
+                         "trainer.compile=true (the JSON keeps the keys 'ours' for side A and 'ref' for side B)")
     args, overrides = ap.parse_known_args()
     device = _device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
@@ -132,12 +136,33 @@ def main() -> None:
     loader = build_loader(cfg, 0, 1, "runs/compare")
     torch.manual_seed(cfg.trainer.init_seed)
     init = reference_model(cfg, "feb")  # the shared initial weights (Conv2d layout)
-    ours = build_model(cfg, torch.device("cpu"))
-    import_reference_state_dict(ours, init.state_dict())
-    trainer = Trainer(cfg, loader, ours.to(device), device, "runs/compare", log=lambda *a: None)
-    ref_model = reference_model(cfg, "best", device.type)
-    copy_weights(ref_model, init)
-    ref = ReferenceStep(ref_model, cfg, "best", device=device)
+
+    def our_trainer(compile_blocks: bool | None):
+        model = build_model(cfg, torch.device("cpu"))
+        import_reference_state_dict(model, init.state_dict())
+        c = cfg if compile_blocks is None else apply_overrides(cfg, [f"trainer.compile={compile_blocks}"])
+        return Trainer(c, loader, model.to(device), device, "runs/compare", log=lambda *a: None)
+
+    # side A ("ours" in the JSON) and side B ("ref"), each a step function returning the loss
+    if args.compare == "ref":
+        labels = ("ours", "ref")
+        trainer = our_trainer(None)
+        ref_model = reference_model(cfg, "best", device.type)
+        copy_weights(ref_model, init)
+        ref = ReferenceStep(ref_model, cfg, "best", device=device)
+
+        def step_b(b, step):
+            for g in ref.opt.param_groups:
+                g["lr"] = lr_at(step, cfg, args.steps)
+            return float(ref(b).detach())
+    else:  # ours eager vs ours with the blocks compiled, from the same weights on the same batches
+        labels = ("eager", "compiled")
+        trainer, other = our_trainer(False), our_trainer(True)
+
+        def step_b(b, step):
+            return other.train_step(b)[0].loss
+    setup["sides"] = list(labels)
+    print(f"comparing {labels[0]} (A) with {labels[1]} (B)", flush=True)
 
     # rank batches are made on the CPU one step ahead, in a thread, while the device trains; the
     # batch of step s is the same whatever the device (make_batch(epoch, index) is deterministic)
@@ -188,15 +213,13 @@ def main() -> None:
             ahead.append(pool.submit(make, step + 2))
         stats, _ = timed("ours", lambda b=batch: trainer.train_step(b))
         curves["ours"].append(stats.loss)
-        for g in ref.opt.param_groups:
-            g["lr"] = lr_at(step, cfg, args.steps)
-        curves["ref"].append(timed("ref", lambda b=batch: float(ref(b).detach())))
+        curves["ref"].append(timed("ref", lambda b=batch, s=step: step_b(b, s)))
         done = step + 1
         if done % args.window == 0 or done == args.steps:
             w = curves["ours"][-args.window:], curves["ref"][-args.window:]
-            print(f"step {done:>5}/{args.steps}: ours {sum(w[0]) / len(w[0]):.4f}  ref {sum(w[1]) / len(w[1]):.4f}  "
-                  f"| ours {times['ours']:.1f}s ref {times['ref']:.1f}s | {time.perf_counter() - t_start:.0f}s elapsed",
-                  flush=True)
+            print(f"step {done:>5}/{args.steps}: {labels[0]} {sum(w[0]) / len(w[0]):.4f}  {labels[1]} "
+                  f"{sum(w[1]) / len(w[1]):.4f}  | {labels[0]} {times['ours']:.1f}s {labels[1]} {times['ref']:.1f}s "
+                  f"| {time.perf_counter() - t_start:.0f}s elapsed", flush=True)
             write(final=False)
         if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit and done < args.steps:
             stopped = f"time limit {args.time_limit:.0f}s reached after {done} of {args.steps} steps"
@@ -209,7 +232,7 @@ def main() -> None:
     n = len(curves["ref"])
     w = args.window
     windows = paired_windows(curves["ours"][:n], curves["ref"][:n], w)
-    print(f"{'steps':>12} {'ours':>8} {'ref':>8} {'diff':>8} {'z':>6}")
+    print(f"{'steps':>12} {labels[0]:>8} {labels[1]:>8} {'diff':>8} {'z':>6}")
     for row in windows:
         print(f"{row['first']:>5}-{row['last']:<6} {row['ours']:8.4f} {row['ref']:8.4f} {row['diff']:+8.4f} "
               f"{row['z']:+6.2f}")
@@ -221,11 +244,13 @@ def main() -> None:
     # steady state: without the first window (compilation, autotuning, allocator warm-up)
     skip = min(w, n - 1) if n > 1 else 0
     steady = {k: sum(v[skip:]) / max(1, len(v[skip:])) for k, v in step_times.items()}
-    print(f"time: ours {times['ours']:.1f}s, ref {times['ref']:.1f}s ({times['ref'] / max(times['ours'], 1e-9):.2f}x); "
-          f"per step after step {skip}: ours {steady['ours'] * 1e3:.0f} ms, ref {steady['ref'] * 1e3:.0f} ms "
+    print(f"time: {labels[0]} {times['ours']:.1f}s, {labels[1]} {times['ref']:.1f}s "
+          f"({times['ref'] / max(times['ours'], 1e-9):.2f}x); "
+          f"per step after step {skip}: {labels[0]} {steady['ours'] * 1e3:.0f} ms, {labels[1]} {steady['ref'] * 1e3:.0f} ms "
           f"({steady['ref'] / max(steady['ours'], 1e-9):.2f}x); waited {wait_s:.1f}s for batches")
     if device.type == "cuda":
-        print(f"peak memory per step: ours {peak['ours']:.2f} GiB, ref {peak['ref']:.2f} GiB (both models resident)")
+        print(f"peak memory per step: {labels[0]} {peak['ours']:.2f} GiB, {labels[1]} {peak['ref']:.2f} GiB "
+              "(both models resident)")
     write(final=True)
 
 

@@ -111,3 +111,160 @@ def test_step_line_reports_flops_and_peak(dataset, tmp_path):
     assert all(" TFLOP/s (" in ln and "% of peak)" in ln for ln in step_lines)
     for h in history:
         assert h["tflops"] > 0 and 0 < h["peak_fraction"] < 1.5 and h["work_ratio"] > 1
+
+
+# --------------------------------------------------------------------------------------------
+# Host synchronisations. On CUDA every read of a device value (`.item()`, `float()`, `bool()`,
+# `.tolist()`), every op whose output size depends on the data (`nonzero`, boolean indexing,
+# `repeat_interleave` without `output_size`, the packing ops' index building) and every copy
+# from pageable host memory stalls the CPU until the device catches up. On CPU they cost nothing,
+# so the test counts the calls that would be syncs: aten ops through a dispatch mode, `tolist`
+# and `numpy` by patching, in the device phase of a step (the host plan and the work model run
+# on host tensors before/while the device works and are excluded), with the GPU code paths
+# forced: the Triton kernels (under the interpreter, whose own numpy conversions are not
+# counted) and host-planned packing.
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+aten = torch.ops.aten
+_SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.unique_consecutive,
+             aten._unique2, aten.unique_dim}
+
+
+def _outside_torch_caller() -> str:
+    """File of the innermost frame that is not torch's, this test's, or the stdlib's."""
+    f = sys._getframe(2)
+    while f is not None:
+        name = f.f_code.co_filename
+        if "/torch/" not in name and name != __file__ and "/lib/python3" not in name.split("site-packages")[0][-20:]:
+            return name
+        f = f.f_back
+    return ""
+
+
+class SyncCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.events: list[str] = []
+        self.paused = False
+
+    def _hit(self, what: str) -> None:
+        caller = _outside_torch_caller()
+        if not self.paused and "/triton/" not in caller:
+            self.events.append(f"{what} from {os.path.relpath(caller, ROOT) if caller else '?'}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet in _SYNC_OPS:
+            self._hit(str(func))
+        elif packet is aten.repeat_interleave and func is aten.repeat_interleave.Tensor and \
+                kwargs.get("output_size") is None:
+            self._hit(str(func))
+        elif packet in (aten.index, aten.index_put, aten.index_put_) and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
+            self._hit(f"{func} with a boolean mask")
+        elif str(packet).startswith("olmoearth_fast.") and packet.__name__ in ("varlen_index", "merge_index"):
+            self._hit(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["exp14"])
+def test_at_most_two_host_syncs_per_step(name, dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("OLMOEARTH_FAST_KERNELS", "triton")
+    # 2 microbatches per step; fused AdamW as on CUDA (CPU foreach AdamW reads its step counters,
+    # host tensors there)
+    cfg = _cfg(name, tmp_path, dataset, "optim.fused=true")
+    tr = _trainer(cfg, tmp_path)
+    batches = [tr.loader.make_batch(1, i) for i in range(3)]
+    tr.train_step(batches.pop())  # warm-up: one-time argument checks of the ops
+    counter = SyncCounter()
+    for method in ("tolist", "numpy"):
+        original = getattr(torch.Tensor, method)
+
+        def patched(self, *a, _original=original, _method=method, **k):
+            counter._hit(f"Tensor.{_method}")
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, method, patched)
+
+    def host_phase(fn):
+        def wrapped(*a, **k):
+            counter.paused = True
+            try:
+                return fn(*a, **k)
+            finally:
+                counter.paused = False
+        return wrapped
+
+    monkeypatch.setattr(tr, "_stage", host_phase(tr._stage))
+    monkeypatch.setattr(trainer_mod.perf, "plan_work", host_phase(trainer_mod.perf.plan_work))
+    with counter:
+        for b in batches:
+            tr.train_step(b)
+    assert len(counter.events) <= 2 * len(batches), "\n".join(counter.events)
+    assert len(counter.events) >= len(batches)  # the statistics are read once per step: the counter sees it
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile of the blocks (trainer.compile=true)
+
+
+def test_compiled_blocks_recompile_a_bounded_number_of_times(dataset, tmp_path):
+    """50 exp14 steps whose crops vary (patch sizes, crop sizes, token counts, masks): after the
+    first step's graphs, at most a few more are built, and each is logged."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    lines = []
+    cfg = _cfg("exp14", tmp_path, dataset, "trainer.compile=true", "trainer.max_steps=50",
+               "data.patch_sizes=[1,2,4,8]", "data.hw_p_list=[1,2,3,4]", "checkpoint.save_every=1000")
+    tr = _trainer(cfg, tmp_path)
+    tr.log = lines.append
+    shapes = set()
+    first = None
+    for step in range(50):
+        batch = tr.loader.make_batch(1 + step // len(tr.loader), step % len(tr.loader))
+        shapes.add((batch.patch_size, batch.hw_p))
+        tr.train_step(batch)
+        if first is None:
+            first = trainer_mod._compiled_graphs()
+    later = trainer_mod._compiled_graphs() - first
+    assert len(shapes) >= 6  # the sampler did vary the crops
+    assert first > 0 and later <= 6, f"{later} graphs built after the first step"
+    history = tr.fit()  # the loop logs new graphs; nothing more to build here
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+
+
+def test_compiled_step_equals_eager_and_resume_is_exact(dataset, tmp_path):
+    """Compiled blocks compute the eager step (fp32: to rounding), and a compiled run resumed
+    from its checkpoint continues exactly as the straight run."""
+    common = ("trainer.max_steps=6", "checkpoint.save_every=3", "checkpoint.keep_last=5")
+    eager = _trainer(_cfg("exp14", tmp_path / "e", dataset, *common, "trainer.compile=false"), tmp_path / "e")
+    comp = _trainer(_cfg("exp14", tmp_path / "c", dataset, *common, "trainer.compile=true"), tmp_path / "c")
+    batch = eager.loader.make_batch(1, 0)
+    # eval-mode forward: no dropout draws, so both see the same computation
+    for tr in (eager, comp):
+        tr.model.eval()
+    with torch.no_grad():
+        outs = []
+        for tr in (eager, comp):
+            plan = tr.model.plan(batch.data, batch.masks, batch.patch_size, None)
+            outs.append(tr.model(batch.data, batch.timestamps, plan.masks, plan.layout, plan=plan))
+    torch.testing.assert_close(outs[1].decoded.tokens, outs[0].decoded.tokens, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[1].pooled, outs[0].pooled, rtol=1e-4, atol=1e-5)
+
+    straight = comp.fit()
+    resumed_dir = tmp_path / "r"
+    first = _trainer(_cfg("exp14", resumed_dir, dataset, *common, "trainer.compile=true",
+                          "trainer.max_steps=3"), resumed_dir)
+    first.fit()
+    second = _trainer(_cfg("exp14", resumed_dir, dataset, *common, "trainer.compile=true",
+                           "checkpoint.resume=true"), resumed_dir)
+    from olmoearth_fast import checkpoint as ckpt
+
+    second.load_state_dict(ckpt.load_checkpoint(str(resumed_dir)))
+    assert second.step == 3
+    resumed = second.fit()  # the history travels in the checkpoint
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in straight]
+    for k, v in comp.model.state_dict().items():
+        assert torch.equal(v, second.model.state_dict()[k]), k

@@ -160,13 +160,22 @@ class Attention(nn.Module):
         q = self.q(x).unflatten(-1, (h, -1))
         k = self.k(y).unflatten(-1, (h, -1))
         v = self.v(y).unflatten(-1, (h, -1))
-        if _use_varlen(q):
-            out = _varlen_attn(q, k, v, x_seg.cu_seqlens, y_seg.cu_seqlens, x_seg.max_len, y_seg.max_len)
-        elif q.is_cuda:
-            out = _padded_sdpa(q, k, v, x_seg, y_seg)
-        else:
-            out = _segment_sdpa(q, k, v, x_seg, y_seg)
-        return self.proj(out.flatten(-2))
+        return self.proj(attend(q, k, v, x_seg, y_seg).flatten(-2))
+
+
+@torch.compiler.disable
+def attend(q: Tensor, k: Tensor, v: Tensor, q_seg: Segments, k_seg: Segments) -> Tensor:
+    """Attention of packed q [Tq, H, hd] to k/v [Tk, H, hd] within each sample's segment.
+
+    Left out of `torch.compile` regions (a graph break around it): the segment lengths it
+    loops over (CPU) or pads to (CUDA fp32) change every step, and the varlen kernel is already
+    one fused kernel; what compile fuses is the elementwise work around it.
+    """
+    if _use_varlen(q):
+        return _varlen_attn(q, k, v, q_seg.cu_seqlens, k_seg.cu_seqlens, q_seg.max_len, k_seg.max_len)
+    if q.is_cuda:
+        return _padded_sdpa(q, k, v, q_seg, k_seg)
+    return _segment_sdpa(q, k, v, q_seg, k_seg)
 
 
 class Mlp(nn.Module):

@@ -81,6 +81,15 @@ class LatentMIM(nn.Module):
         self.target_patch_embeddings.train(False)
         return self
 
+    def compile_blocks(self) -> None:
+        """`torch.compile` every transformer block in place (parameter names unchanged, so
+        checkpoints and exports are unaffected). Packed lengths change every step, so shapes
+        are dynamic from the first call (no recompilation per length); attention itself stays
+        eager (`model.attention.attend`), compile fuses the norms, activations, residuals and
+        DropPath around the Linear layers, forward and backward."""
+        for blk in (*self.encoder.blocks, *self.decoder.blocks):
+            blk.compile(dynamic=True)
+
     def layout(self, data: dict[str, Tensor], patch_size: int) -> TokenLayout:
         return TokenLayout.build(data, patch_size, self.tokenization, self.cfg.modalities)
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +139,22 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+# band_index tensors already validated: id -> (weak reference, version at the check)
+_CHECKED_BAND_INDEX: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _band_index_checked(band_index: Tensor) -> bool:
+    ref = _CHECKED_BAND_INDEX.get(id(band_index))
+    return ref is not None and ref[0]() is band_index and ref[1] == band_index._version
+
+
+def _remember_band_index(band_index: Tensor) -> None:
+    if len(_CHECKED_BAND_INDEX) > 4096:  # dead entries of short-lived tensors
+        for k in [k for k, (r, _) in _CHECKED_BAND_INDEX.items() if r() is None]:
+            del _CHECKED_BAND_INDEX[k]
+    _CHECKED_BAND_INDEX[id(band_index)] = (weakref.ref(band_index), band_index._version)
+
+
 def _check_inputs(
     x: Tensor,
     weight: Tensor,
@@ -164,12 +181,14 @@ def _check_inputs(
                              f"has C={C} input channels")
         if band_index.device != x.device:
             raise ValueError(f"patch_embed: band_index is on {band_index.device}, x on {x.device}")
-        # Value check only where it costs no device sync (and not on fake tensors).
-        if (band_index.device.type == "cpu" and band_index.numel()
-                and not torch.compiler.is_compiling() and (
-            int(band_index.min()) < 0 or int(band_index.max()) >= c_all)):
-            raise ValueError(f"patch_embed: band_index values must lie in [0, {c_all}), got "
-                             f"{band_index.tolist()}")
+        # Value check only where it costs no device sync (and not on fake tensors), once per
+        # index tensor: a module's band buffers are checked on their first call, not every step.
+        if (band_index.device.type == "cpu" and band_index.numel() and not torch.compiler.is_compiling()
+                and not _band_index_checked(band_index)):
+            if int(band_index.min()) < 0 or int(band_index.max()) >= c_all:
+                raise ValueError(f"patch_embed: band_index values must lie in [0, {c_all}), got "
+                                 f"{band_index.tolist()}")
+            _remember_band_index(band_index)
     elif c_all != C:
         raise ValueError(f"patch_embed: x has {c_all} channels but weight has C={C} (pass "
                          "band_index to gather a bandset)")
