@@ -104,7 +104,7 @@ def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization:
     bwd = 2.0 if training else 0.0  # backward = 2× forward for matmuls that need input and weight grads
     w = Work()
     # --- patch embedding: 2·C·64·D per token and bandset, forward; weight gradient alike
-    embed = 0.0
+    embed, embed_rows, pixels, resized = 0.0, 0.0, 0.0, 0.0
     for s in layout.segments:
         if MODALITIES[s.modality].is_spatial:
             k = BASE_PATCH * BASE_PATCH
@@ -113,6 +113,9 @@ def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization:
             k, per_pos = 1, s.t
         for chans in tokenization.bands_per_bandset(s.modality):
             embed += 2.0 * b * per_pos * chans * k * d
+            embed_rows += b * per_pos
+            pixels += b * per_pos * chans * (layout.patch_size ** 2 if k > 1 else 1)
+            resized += b * per_pos * chans * k  # the image resized by 8/p: 8×8 pixels per patch
     online_views = views if band_dropout else 1  # without dropout the views share one embedding
     w.ours["patch_embed"] = embed * online_views * (1 + bwd / 2) + embed  # + target once
     w.ref["patch_embed"] = embed * views * (1 + bwd / 2) + embed * views  # + target per view
@@ -142,17 +145,23 @@ def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization:
     w.ours["decoder_linear"], w.ref["decoder_linear"] = ours_dec * f, ref_dec * f
     w.ours["decoder_attention"] = ddepth * 4.0 * float((online * dec).sum()) * dd * f
     w.ref["decoder_attention"] = ddepth * 4.0 * float((b * l_on * l_dec).sum()) * dd * f
-    w.tokens.update(ref_encoder_tokens=ref_on, ref_decoder_queries=ref_q)
+    w.tokens.update(ref_encoder_tokens=ref_on, ref_decoder_queries=ref_q, embed_rows=embed_rows, pixels=pixels,
+                    enc_scores=float((online ** 2).sum()), dec_scores=float((online * dec).sum()),
+                    ref_enc_scores=float((b * l_on ** 2).sum()), ref_dec_scores=float((b * l_on * l_dec).sum()),
+                    resized_pixels=resized, microbatches=1.0, views=float(views))
     # --- loss: scores p̂·ĝ (forward, and the prediction gradient), target self-similarity where
     # same-target negatives are masked; per (view, sample, modality) c decoded tokens
-    loss, ref_loss = 0.0, 0.0
+    loss, ref_loss, pairs, ref_pairs = 0.0, 0.0, 0.0, 0.0
     for s in layout.segments:
         c = (codes[:, :, s.slice] == DECODER).sum(-1).double()  # [V, B]
         masked = mask_neg is None or s.modality in mask_neg
         per_pair = 2.0 * d * ((1 + bwd / 2) + (1 if masked else 0))
+        pairs += float((c ** 2).sum())
+        ref_pairs += views * b * float(s.numel) ** 2
         loss += float((c ** 2).sum()) * per_pair
         ref_loss += views * b * float(s.numel) ** 2 * per_pair
     w.ours["loss"], w.ref["loss"] = loss, ref_loss
+    w.tokens.update(loss_pairs=pairs, ref_loss_pairs=ref_pairs)
     w.ours["infonce"] = w.ref["infonce"] = 2.0 * b * b * d * f if views == 2 else 0.0
     # --- bandset merge / unmerge (experiments 9, 10, 12): small MLPs on merged positions
     if model_cfg.merge_bandsets:
@@ -272,20 +281,80 @@ class Floor:
 
     flops_s: dict[str, float]
     bytes_s: dict[str, float]
-    launch_s: float
     launches: int
+    launch_s: float
+
+    def component(self, k: str) -> float:
+        return max(self.flops_s.get(k, 0.0), self.bytes_s.get(k, 0.0))
 
     @property
     def total(self) -> float:
-        return sum(max(self.flops_s[k], self.bytes_s.get(k, 0.0)) for k in self.flops_s) + self.launch_s
+        keys = set(self.flops_s) | set(self.bytes_s)
+        return sum(self.component(k) for k in keys) + self.launch_s
 
 
-def gpu_step_floor(work: Work, side: str, bytes_by_component: dict[str, float], launches: int,
-                   spec: tuple[float, float], launch_us: float = 4.0) -> Floor:
-    """Floor of one step on a GPU: each component takes at least its FLOPs at the bf16 peak
-    and at least its bytes at HBM bandwidth (whichever is larger), plus ``launches`` × a few µs
-    (launches serialise when kernels are short). A prediction, not a measurement."""
+# Kernel launches per transformer block, forward + backward. Ours with compiled blocks: 5 GEMMs
+# (fused q/k/v), 1 varlen attention and ~4 fused elementwise kernels forward, about twice that
+# backward. The reference in eager mode: 6 GEMMs, SDPA plus its mask expansion, 2 LayerNorms,
+# GELU, DropPath as rand / div / mul per branch, 2 residual adds and the head reshapes, about
+# 25 forward and 50 backward. Per-view overhead of the reference (token sort/gather per view,
+# composite encodings built per modality, the per-modality vectorised loss): ~1000 kernels.
+LAUNCHES_PER_BLOCK = {"ours": 30, "ref": 75}
+LAUNCHES_PER_PASS = {"ours": 300, "ref": 1000}  # per microbatch pass (ours: both views at once)
+BF16, FP32 = 2, 4
+
+
+def gpu_traffic(work: Work, model_cfg, side: str) -> tuple[dict[str, float], int]:
+    """Least HBM bytes per component and kernel launches of one training step (a model).
+
+    Activations in bf16; every GEMM reads its input and weight and writes its output, its
+    backward about twice that; elementwise passes per block (norms, GELU, residuals, DropPath):
+    ours fused by compile (~12 activation-sized passes per block forward + backward), the
+    reference eager (~30); its SDPA reads a materialised boolean mask [B, H, Lq, Lk]. The patch
+    embedding: ours reads the pixels once per projection (fused kernel), the reference writes
+    and reads the image resized by 8/p (fp32) per view, online and target. Losses in fp32.
+    """
+    d, depth, heads, dd, ddepth, dheads, mlp = model_dims(model_cfg)
+    t = work.tokens
+    ours = side == "ours"
+    enc = t["encoder_tokens"] if ours else t["ref_encoder_tokens"]
+    q = t["decoder_queries"] if ours else t["ref_decoder_queries"]
+    passes = 3.0  # forward, backward (input and weight gradients)
+    gemm_io = (4 + 2 * mlp) + (4 + 2 * mlp)  # per token and block: inputs read + outputs written, × D
+    elementwise = 12 if ours else 30
+    b = {}
+    b["encoder_linear"] = depth * enc * d * (gemm_io + elementwise) * BF16 * passes / 2
+    b["decoder_linear"] = ddepth * (q * dd * (gemm_io + elementwise) + enc * dd * 4) * BF16 * passes / 2
+    if not ours:  # input projection and output head at every position
+        b["decoder_linear"] += t["positions"] * (d + dd) * 2 * BF16 * passes
+    attn_io = 4 * BF16 * passes
+    b["encoder_attention"] = depth * enc * d * attn_io
+    b["decoder_attention"] = ddepth * (q + enc) * dd * attn_io
+    if not ours:  # the boolean key-padding mask, expanded to [B, H, Lq, Lk] per block, fwd + bwd
+        b["encoder_attention"] += depth * heads * t["ref_enc_scores"] * 2
+        b["decoder_attention"] += ddepth * dheads * t["ref_dec_scores"] * 2
+    rows = t["embed_rows"]
+    views = t["views"] / t["microbatches"]  # summed over microbatches by Work.add
+    if ours:
+        b["patch_embed"] = (views + 1) * (t["pixels"] * FP32 + rows * d * BF16) * 2
+    else:  # the image resized by 8/p, written then read (fp32), per view for online and target
+        b["patch_embed"] = 2 * views * (t["pixels"] + 2 * t["resized_pixels"]) * FP32 * 2 + \
+            2 * views * rows * d * BF16 * 2
+    if ours:  # flash-style: rows read forward and backward, gradient written; no pair matrix
+        b["loss"] = t["decoder_queries"] * d * FP32 * 5
+    else:  # [B, N, N] fp32 scores, target similarities, masks, softmax and its gradient
+        b["loss"] = t["positions"] * d * FP32 * 5 + t["ref_loss_pairs"] * FP32 * 8
+    launches = int(t["microbatches"] * ((depth + ddepth) * LAUNCHES_PER_BLOCK[side] * (1 if ours else views)
+                                        + LAUNCHES_PER_PASS[side] * (1 if ours else views)))
+    return b, launches
+
+
+def gpu_step_floor(work: Work, model_cfg, side: str, spec: tuple[float, float], launch_us: float = 4.0) -> Floor:
+    """Floor of one step on a GPU: each component takes at least its FLOPs at the bf16 peak and
+    at least its bytes at HBM bandwidth (whichever is larger), plus launches × a few µs
+    (a kernel costs at least its launch when kernels are short). A prediction, not a measurement."""
     flops = work.ours if side == "ours" else work.ref
     peak, bw = spec
-    return Floor({k: v / peak for k, v in flops.items()}, {k: v / bw for k, v in bytes_by_component.items()},
-                 launches * launch_us * 1e-6, launches)
+    traffic, launches = gpu_traffic(work, model_cfg, side)
+    return Floor({k: v / peak for k, v in flops.items()}, {k: v / bw for k, v in traffic.items()},
+                 launches, launches * launch_us * 1e-6)

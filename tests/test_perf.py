@@ -177,3 +177,18 @@ def test_reference_agrees_with_the_flop_counter(tmp_path, demo_dataset):
     assert seen["conv"] + seen["linear"] == pytest.approx(linear, rel=0.05)
     assert seen["bmm"] == pytest.approx(w.ref["loss"], rel=0.05)  # the vectorised loss's two bmm + backward
     assert w.ratio > 1.2  # padding, per-view target and the all-token head and loss
+
+
+def test_gpu_floor_on_paper():
+    batch, cfg = _tiny_case(dropout=0.3)
+    w = perf.step_work(batch, cfg)
+    spec = perf.GPU_SPECS["H200"]
+    ours, ref = (perf.gpu_step_floor(w, cfg.model, side, spec) for side in ("ours", "ref"))
+    assert ours.launches < ref.launches  # one pass for both views, fused blocks
+    assert 0 < ours.total < ref.total
+    for f, flops in ((ours, w.ours), (ref, w.ref)):
+        for k, v in flops.items():
+            assert f.flops_s[k] == pytest.approx(v / spec[0])
+            assert f.component(k) >= f.flops_s[k]
+    traffic, _ = perf.gpu_traffic(w, cfg.model, "ref")
+    assert traffic["patch_embed"] > perf.gpu_traffic(w, cfg.model, "ours")[0]["patch_embed"]  # resized image
