@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from olmoearth_fast.ops import forced_kernels
 from olmoearth_fast.ops.packing import gather_rows
 
 try:  # torch >= 2.10
@@ -175,11 +176,13 @@ class Attention(nn.Module):
 def attend(q: Tensor, k: Tensor, v: Tensor, q_seg: Segments, k_seg: Segments) -> Tensor:
     """Attention of packed q [Tq, H, hd] to k/v [Tk, H, hd] within each sample's segment.
 
+    ``OLMOEARTH_FAST_KERNELS=pytorch`` takes the padded SDPA path on CUDA instead of the varlen
+    kernel (as it makes the other ops take their PyTorch paths), e.g. to bisect a difference.
     Left out of `torch.compile` regions (a graph break around it): the segment lengths it
     loops over (CPU) or pads to (CUDA fp32) change every step, and the varlen kernel is already
     one fused kernel; what compile fuses is the elementwise work around it.
     """
-    if _use_varlen(q):
+    if _use_varlen(q) and forced_kernels() != "pytorch":
         return _varlen_attn(q, k, v, q_seg.cu_seqlens, k_seg.cu_seqlens, q_seg.max_len, k_seg.max_len)
     if q.is_cuda:
         return _padded_sdpa(q, k, v, q_seg, k_seg)
