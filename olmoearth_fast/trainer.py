@@ -26,9 +26,9 @@ from olmoearth_fast import perf
 from olmoearth_fast.config import RunConfig, dumps
 from olmoearth_fast.data.collate import MaskedViews
 from olmoearth_fast.losses import info_nce
-from olmoearth_fast.modalities import LOSS_FIELD_ORDER, as_tokenization
+from olmoearth_fast.modalities import LOSS_FIELD_ORDER
 from olmoearth_fast.model.decoder import gather_targets
-from olmoearth_fast.model.latent_mim import LatentMIM
+from olmoearth_fast.model.latent_mim import LatentMIM, build_model  # noqa: F401  (build_model: part of this API)
 from olmoearth_fast.model.plan import MicrobatchPlan
 from olmoearth_fast.ops.masked_neg_loss import masked_neg_loss
 
@@ -352,12 +352,6 @@ def _fmt_time(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def build_model(cfg: RunConfig, device: torch.device) -> LatentMIM:
-    torch.manual_seed(cfg.trainer.init_seed)
-    model = LatentMIM(cfg.model, as_tokenization(cfg.data.tokenization)).to(device)
-    return model
 
 
 def check_dataset_modalities(dataset, modalities: tuple[str, ...]) -> None:

@@ -93,7 +93,7 @@ def load_model(
         FileNotFoundError: nothing loadable at ``checkpoint``.
     """
     from olmoearth_fast import checkpoint as ckpt
-    from olmoearth_fast.trainer import build_model
+    from olmoearth_fast.model.latent_mim import build_model
 
     path = os.fspath(checkpoint)
     device = resolve_device(device)

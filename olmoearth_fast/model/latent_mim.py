@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from olmoearth_fast.config import ModelConfig
-from olmoearth_fast.modalities import MISSING_VALUE, MaskValue, TokenizationConfig, check_modalities
+from olmoearth_fast.modalities import MISSING_VALUE, MaskValue, TokenizationConfig, as_tokenization, check_modalities
 from olmoearth_fast.model.decoder import Decoder
 from olmoearth_fast.model.encoder import Encoder, Packed
 from olmoearth_fast.model.layout import TokenLayout
@@ -150,3 +150,9 @@ class LatentMIM(nn.Module):
             masks = layout.token_masks(pixel)
         tokens = self.patch_embeddings(data, patch_size)
         return self.encoder(tokens, masks, layout, timestamps, patch_size)
+
+
+def build_model(cfg, device: torch.device) -> LatentMIM:
+    """The model of a RunConfig, initialised from ``cfg.trainer.init_seed``, on ``device``."""
+    torch.manual_seed(cfg.trainer.init_seed)
+    return LatentMIM(cfg.model, as_tokenization(cfg.data.tokenization)).to(device)
