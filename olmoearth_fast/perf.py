@@ -237,7 +237,8 @@ def measure_cpu_peak(threads: int | None = None, n: int = 2048, reps: int = 3) -
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            a, bm = torch.randn(n, n), torch.randn(n, n)
+            g = torch.Generator().manual_seed(0)  # its own generator: training's RNG stream is untouched
+            a, bm = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
             out = torch.empty(n, n)
             torch.mm(a, bm, out=out)
             best = float("inf")

@@ -192,3 +192,10 @@ def test_gpu_floor_on_paper():
             assert f.component(k) >= f.flops_s[k]
     traffic, _ = perf.gpu_traffic(w, cfg.model, "ref")
     assert traffic["patch_embed"] > perf.gpu_traffic(w, cfg.model, "ours")[0]["patch_embed"]  # resized image
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone():
+    perf._CPU_PEAK.pop(1, None)
+    state = torch.get_rng_state()
+    perf.measure_cpu_peak(1, n=128, reps=1)
+    assert torch.equal(torch.get_rng_state(), state)
