@@ -19,8 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from olmoearth_fast.ops.band_dropout import band_dropout_keep
 from olmoearth_fast.ops.patch_embed import (
-    band_dropout_keep,
     patch_embed,
     patch_embed_effective,
     patch_embed_ref,

@@ -3,7 +3,7 @@
 The reference upsamples each image by 8/p with antialiased bicubic and applies an 8x8 stride-8
 conv; at p = 1 that materialises an image 64x the input. Both steps are linear, so each token
 is one dot product of its (p+4) x (p+4) x C input window with an effective weight
-(`olmoearth_fast.ops.patch_embed.effective_weights`): one weight per token class (interior
+(`olmoearth_fast.ops.patch_embed_plan.effective_weights`): one weight per token class (interior
 tokens share one; the first/last ceil(2/p) token rows and columns, where the resize
 renormalises its truncated taps, get their own).
 

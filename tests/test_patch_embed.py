@@ -16,18 +16,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from olmoearth_fast.ops.band_dropout import band_dropout_keep
 from olmoearth_fast.ops.patch_embed import (
-    aa_bicubic_matrix,
-    band_dropout_keep,
-    effective_plan,
-    effective_weight_grad,
-    effective_weights,
     patch_embed,
-    patch_embed_abs_scale,
     patch_embed_effective,
     patch_embed_multi,
     patch_embed_ref,
 )
+from olmoearth_fast.ops.patch_embed_plan import (
+    aa_bicubic_matrix,
+    effective_plan,
+    effective_weight_grad,
+    effective_weights,
+)
+from tests.helpers.patch_embed_bounds import patch_embed_abs_scale
 
 MISSING = -99999.0
 RTOL = 1e-4

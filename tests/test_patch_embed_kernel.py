@@ -28,14 +28,10 @@ pytest.importorskip("triton")
 
 from olmoearth_fast.kernels.patch_embed import patch_embed_bwd_effective  # noqa: E402
 
-from olmoearth_fast.ops.patch_embed import (  # noqa: E402
-    band_dropout_keep,
-    effective_plan,
-    effective_weight_grad,
-    patch_embed,
-    patch_embed_abs_scale,
-    patch_embed_ref,
-)
+from olmoearth_fast.ops.band_dropout import band_dropout_keep  # noqa: E402
+from olmoearth_fast.ops.patch_embed import patch_embed, patch_embed_ref  # noqa: E402
+from olmoearth_fast.ops.patch_embed_plan import effective_plan, effective_weight_grad  # noqa: E402
+from tests.helpers.patch_embed_bounds import patch_embed_abs_scale  # noqa: E402
 
 MISSING = -99999.0
 RTOL, ATOL_SCALE = 1e-4, 1e-5

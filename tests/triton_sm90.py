@@ -103,7 +103,7 @@ class CompileLog:
 def patch_embed_cases(quick: bool):
     from olmoearth_fast.kernels import patch_embed as kern
 
-    from olmoearth_fast.ops.patch_embed import effective_plan, effective_weights
+    from olmoearth_fast.ops.patch_embed_plan import effective_plan, effective_weights
 
     sizes = (1, 4, 8) if quick else tuple(range(1, 9))
     for dtype in (torch.float32, torch.bfloat16):

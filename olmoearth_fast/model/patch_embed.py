@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from olmoearth_fast.modalities import MODALITIES, TokenizationConfig
-from olmoearth_fast.ops.patch_embed import band_dropout_keep, patch_embed, patch_embed_multi
+from olmoearth_fast.ops.band_dropout import band_dropout_keep
+from olmoearth_fast.ops.patch_embed import patch_embed, patch_embed_multi
 
 BASE_PATCH = 8  # the conv kernel is 8×8 at 10 m for every modality used here
 

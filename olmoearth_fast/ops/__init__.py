@@ -1,10 +1,14 @@
-"""One public function per op, in the module of the same name; each picks Triton / C++ /
-reference by device: `ops.packing` (pack, unpack, merge indexing), `ops.patch_embed`,
+"""One public function per op, in the module of the same name, its reference beside it; each
+picks Triton / C++ / reference by device: `ops.packing` (pack, unpack, merge indexing),
+`ops.patch_embed` (its effective-kernel maths in `ops.patch_embed_plan`), `ops.band_dropout`,
 `ops.masked_neg_loss`. (Functions are not re-exported here: `patch_embed` and
 `masked_neg_loss` would shadow their modules.)
 """
 
+import contextlib
 import os
+
+import torch
 
 KERNELS_ENV = "OLMOEARTH_FAST_KERNELS"
 _KERNEL_CHOICES = ("auto", "triton", "pytorch")
@@ -22,3 +26,10 @@ def forced_kernels() -> str | None:
     if value not in _KERNEL_CHOICES:
         raise ValueError(f"{KERNELS_ENV}={os.environ[KERNELS_ENV]!r}: expected one of {', '.join(_KERNEL_CHOICES)}")
     return None if value == "auto" else value
+
+
+def no_autocast(device: torch.device):
+    """Autocast off on `device` for the enclosed ops (an op that computes in its input's dtype)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -1,38 +1,36 @@
-"""Flexible-patch patch embedding with band dropout: the op, its reference and its effective path.
+"""Flexible-patch patch embedding of one bandset: the op, its reference and its effective path.
 
-One (modality, bandset) of the reference (model_semantics.md §2.2) computes, in this order:
+One (modality, bandset) of the reference (docs/reference_semantics.md §3.2) computes, in order:
 
     x = index_select(data, -1, band_index)                    # [B,H,W,T,C]
-    x = x * keep[:, None, None, None, :]                       # band dropout, no rescale (§2.4)
+    x = x * keep[:, None, None, None, :]                       # band dropout, no rescale (§3.3)
     x = "b h w t c -> (b t) c h w"
     x = F.interpolate(x, (H/p*8, W/p*8), "bicubic", antialias=True)   # only when p != 8
     y = Conv2d(C, D, 8, stride=8)(x) -> [B, H/p, W/p, T, D]
 
 Missing pixels (-99999) are ordinary values throughout: they enter the resize and bleed into
-neighbouring tokens, exactly as in the reference (§9 items 2, 13).
+neighbouring tokens, exactly as in the reference (§3.4).
 
 Three implementations compute it:
 
 * `patch_embed_ref`: the order above, literally (used on CPU and as the test oracle).
 * `patch_embed_effective`: resize and conv are both linear, so "resize then 8x8/stride-8 conv"
   equals one stride-p conv of the original pixels with an effective kernel of K = p+4 taps per
-  axis (a 2-pixel halo on each side, the reach of the Keys cubic). Antialiased bicubic
-  renormalises its weights where its support leaves the image, so the first and last
-  ceil(2/p) token rows/columns get their own kernels ("classes"); interior tokens share one.
-  Plain PyTorch, differentiable; it is the CPU mirror of the fused Triton kernel.
+  axis, one kernel per token class (`olmoearth_fast.ops.patch_embed_plan`). Plain PyTorch,
+  differentiable; it is the CPU mirror of the fused Triton kernel.
 * the Triton kernel (`olmoearth_fast.kernels.patch_embed`): the same effective weights, one
   kernel that reads the channels-last input once, with the band gather and the keep multiplier
   folded into its loads. Backward = dW through the effective-kernel mapping, and dbias.
 
 `patch_embed` is the registered op (custom_op + fake + autograd, so it works under
 torch.compile). impl="auto" runs the Triton kernel on CUDA and the reference on CPU, where it
-is bit-identical to the reference package.
+is bit-identical to the reference package; OLMOEARTH_FAST_KERNELS overrides the choice
+(`olmoearth_fast.ops.forced_kernels`). The keep multiplier comes from
+`olmoearth_fast.ops.band_dropout.band_dropout_keep`.
 
 Precision: every path computes in x.dtype, whatever autocast the caller runs under (autocast is
 switched off inside; the model casts x to the autocast dtype itself). The effective weights are
-always composed in fp32 (fp64 for an fp64 weight): under a caller's bf16 autocast their two
-matmuls used to round the resize maps and the weights to bf16 (~4e-3 relative) before the kernel
-saw them.
+always composed in fp32 (fp64 for an fp64 weight), see `patch_embed_plan`.
 
 Determinism: the Triton backward reduces its per-chunk partials in a fixed order (no atomics),
 so fwd + bwd are run-to-run deterministic on a GPU, as the reference paths are.
@@ -40,104 +38,35 @@ so fwd + bwd are run-to-run deterministic on a GPU, as the reference paths are.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import weakref
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from olmoearth_fast.ops import forced_kernels
+from olmoearth_fast.ops import forced_kernels, no_autocast
+from olmoearth_fast.ops.patch_embed_plan import (
+    EffectivePlan,
+    effective_plan,
+    effective_weight_grad,
+    effective_weights,
+)
 
 __all__ = [
-    "EffectivePlan",
-    "aa_bicubic_matrix",
-    "band_dropout_keep",
-    "effective_plan",
-    "effective_weight_grad",
-    "effective_weights",
     "patch_embed",
-    "patch_embed_abs_scale",
     "patch_embed_effective",
     "patch_embed_multi",
     "patch_embed_ref",
 ]
 
 IMPLS = ("auto", "ref", "effective", "triton")
-# Reach of the Keys cubic when upsampling: taps at |d| < 2 input pixels, so a token of p pixels
-# reads p + 2*2 pixels per axis (derivation in `effective_plan`).
-HALO = 2
-
-
-# --------------------------------------------------------------------------------------------
-# Band dropout (§2.4)
-# --------------------------------------------------------------------------------------------
-
-
-def band_dropout_keep(
-    batch: int,
-    num_bands: int,
-    rate: float,
-    *,
-    random_rate: bool = False,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Draw the band-dropout keep multiplier of one (modality, bandset) embedding call.
-
-    Semantics of the reference (model_semantics.md §2.4): with `random_rate`, one rate
-    r = U[0,1)·rate is drawn per call (shared by all samples); otherwise r = rate.
-    keep[b, c] = (U[0,1) >= r), independent per sample and band; a sample with no band kept
-    gets one band, drawn uniformly, forced on. No 1/(1-r) rescale. The result is shared over
-    H, W and T by the caller (it is a [B, C] multiplier).
-
-    Unlike the reference, nothing here syncs with the host: the random rate stays a 0-d device
-    tensor and the at-least-one rule is an unconditional masked OR (a replacement index is
-    drawn for every sample, used only where none was kept). The distribution is identical;
-    the random stream is not.
-
-    Args:
-        batch: Number of samples B.
-        num_bands: Number of bands C of the bandset (>= 1).
-        rate: Fixed drop probability, or the maximum of the random rate, in [0, 1].
-        random_rate: Draw the rate as U[0,1)·rate once per call.
-        generator: Optional torch.Generator (on `device`).
-        device: Device of the result.
-
-    Returns:
-        float32 tensor [B, C] of 0/1.
-    """
-    if batch < 0:
-        raise ValueError(f"band_dropout_keep: batch must be >= 0, got {batch}")
-    if num_bands < 1:
-        raise ValueError(f"band_dropout_keep: num_bands must be >= 1, got {num_bands}")
-    if not 0.0 <= float(rate) <= 1.0:
-        raise ValueError(f"band_dropout_keep: rate must be in [0, 1], got {rate}")
-    kw = dict(generator=generator, device=device)
-    r: Tensor | float = rate
-    if random_rate:
-        r = torch.rand((), **kw) * rate
-    keep = torch.rand(batch, num_bands, **kw) >= r
-    none_kept = ~keep.any(dim=1, keepdim=True)
-    replacement = torch.randint(num_bands, (batch, 1), **kw)
-    forced = torch.arange(num_bands, device=keep.device) == replacement  # [B, C] one-hot
-    return (keep | (forced & none_kept)).to(torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
 # Reference path
 # --------------------------------------------------------------------------------------------
-
-
-def _no_autocast(device: torch.device):
-    """Autocast off on `device` for the enclosed ops (the op computes in x.dtype)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
-
 
 # band_index tensors already validated: id -> (weak reference, version at the check)
 _CHECKED_BAND_INDEX: dict[int, tuple[weakref.ref, int]] = {}
@@ -259,175 +188,8 @@ def patch_embed_ref(
 
 
 # --------------------------------------------------------------------------------------------
-# Effective-kernel construction (shared by the PyTorch effective path and the Triton kernel)
+# Effective-kernel path (PyTorch)
 # --------------------------------------------------------------------------------------------
-
-
-def _keys_cubic(d: Tensor, a: float = -0.5) -> Tensor:
-    """Keys cubic convolution kernel; PyTorch's antialiased bicubic uses a = -0.5 (PIL)."""
-    d = d.abs()
-    near = ((a + 2) * d - (a + 3)) * d * d + 1
-    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-    return torch.where(d < 1, near, torch.where(d < 2, far, torch.zeros_like(d)))
-
-
-@functools.lru_cache(maxsize=256)
-def _aa_bicubic_matrix_cached(in_size: int, out_size: int) -> Tensor:
-    scale = in_size / out_size  # what F.interpolate derives from size= (align_corners=False)
-    # Antialias widens the support by the scale only when downsampling (scale > 1).
-    support = 2.0 * scale if scale >= 1.0 else 2.0
-    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
-    m = torch.zeros(out_size, in_size, dtype=torch.float64)
-    for i in range(out_size):
-        center = scale * (i + 0.5)
-        # int() truncates toward zero, like the C++ static_cast, before clamping to the image.
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        taps = _keys_cubic((torch.arange(lo, hi, dtype=torch.float64) - center + 0.5) * inv_scale)
-        m[i, lo:hi] = taps / taps.sum()  # renormalised per output pixel (truncated at borders)
-    return m
-
-
-def aa_bicubic_matrix(in_size: int, out_size: int) -> Tensor:
-    """1-D matrix [out, in] (float64) of `F.interpolate(mode="bicubic", antialias=True)`.
-
-    The 2-D resize is separable: resized = M_h @ img @ M_w^T. Weights follow PyTorch's
-    antialiased path: Keys a = -0.5, support 2 input pixels (scaled when downsampling),
-    truncated at the image border and normalised to sum 1 per output pixel.
-    """
-    return _aa_bicubic_matrix_cached(int(in_size), int(out_size)).clone()
-
-
-@dataclass(frozen=True, eq=False)  # identity semantics: plans are cached singletons
-class EffectivePlan:
-    """Token classes and 1-D effective maps of one (patch size, H, W).
-
-    Attributes:
-        patch_size: p.
-        base: Conv kernel size k (8).
-        taps: K, effective taps per axis (p + 4, or k when p == k).
-        halo: Input pixels read before a token's own p pixels (2, or 0 when p == k).
-        row_classes: (first token row, number of rows) per row class.
-        col_classes: Same for columns.
-        row_maps: [n_row_classes, k, K] float64: resized row u of a token <- input tap kk.
-        col_maps: [n_col_classes, k, K] float64.
-    """
-
-    patch_size: int
-    base: int
-    taps: int
-    halo: int
-    row_classes: tuple[tuple[int, int], ...]
-    col_classes: tuple[tuple[int, int], ...]
-    row_maps: Tensor
-    col_maps: Tensor
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.row_classes) * len(self.col_classes)
-
-    def class_rects(self) -> list[tuple[int, int, int, int]]:
-        """(i0, ni, j0, nj) per class q = row_class * n_col_classes + col_class."""
-        return [(i0, ni, j0, nj) for i0, ni in self.row_classes for j0, nj in self.col_classes]
-
-
-def _axis_classes(size: int, p: int, base: int) -> tuple[tuple[tuple[int, int], ...], Tensor]:
-    """Token classes and per-class [base, K] maps along one axis of `size` input pixels."""
-    n_tok = size // p
-    if p == base:  # no resize: the conv reads each token's own pixels
-        return ((0, n_tok),), torch.eye(base, dtype=torch.float64)[None]
-    K = p + 2 * HALO
-    m = _aa_bicubic_matrix_cached(size, n_tok * base)  # [n_tok*base, size]
-    # Token i's resized rows base*i .. base*i+base-1 have centres in [p*i, p*i + p) and taps
-    # h with |h + 0.5 - centre| < 2, i.e. h in [p*i - 2, p*i + p + 1]: K = p + 4 taps.
-    padded = F.pad(m, (HALO, HALO))  # column h + HALO holds input pixel h
-    maps = torch.stack([padded[base * i: base * (i + 1), p * i: p * i + K] for i in range(n_tok)])
-    if not torch.allclose(maps.sum((1, 2)), torch.full((n_tok,), float(base), dtype=m.dtype)):
-        raise AssertionError("effective_plan: resize taps fall outside the p+4 window")
-    # A token is interior when its whole window lies inside the image: then nothing was
-    # truncated, and its map is the translation-invariant interior one.
-    interior = [i for i in range(n_tok) if p * i - HALO >= 0 and p * i + p + HALO <= size]
-    classes: list[tuple[int, int]] = []
-    reps: list[int] = []
-    i = 0
-    while i < n_tok:
-        if interior and i == interior[0]:
-            classes.append((i, len(interior)))
-            reps.append(i)
-            if not all(torch.equal(maps[j], maps[i]) for j in interior):
-                raise AssertionError("effective_plan: interior taps are not translation-invariant")
-            i += len(interior)
-        else:
-            classes.append((i, 1))
-            reps.append(i)
-            i += 1
-    return tuple(classes), maps[reps].contiguous()
-
-
-@functools.lru_cache(maxsize=256)
-def effective_plan(patch_size: int, height: int, width: int, base: int = 8) -> EffectivePlan:
-    """Token classes and 1-D effective maps for a p x p patch on a `height` x `width` image.
-
-    Args:
-        patch_size: p in [1, base]; height and width must be multiples of p.
-        height: Image height H in pixels.
-        width: Image width W in pixels.
-        base: Conv kernel size (the reference's max patch size, 8).
-
-    Returns:
-        The cached EffectivePlan (its tensors are float64 on CPU; treat them as read-only).
-    """
-    p = patch_size
-    if not 1 <= p <= base or height % p or width % p:
-        raise ValueError(f"effective_plan: need 1 <= p <= {base} dividing H, W; got p={p}, "
-                         f"H={height}, W={width}")
-    rows, row_maps = _axis_classes(height, p, base)
-    cols, col_maps = _axis_classes(width, p, base)
-    taps = base if p == base else p + 2 * HALO
-    halo = 0 if p == base else HALO
-    return EffectivePlan(p, base, taps, halo, rows, cols, row_maps, col_maps)
-
-
-@functools.lru_cache(maxsize=128)
-def _maps_on(
-    plan: EffectivePlan, device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """Row and column maps as [k, n_classes*K] on `device` (cached: no per-call H2D copy)."""
-    k = plan.base
-    a_r = plan.row_maps.permute(1, 0, 2).reshape(k, -1)
-    a_c = plan.col_maps.permute(1, 0, 2).reshape(k, -1)
-    return a_r.to(device, dtype), a_c.to(device, dtype)
-
-
-def effective_weights(weight: Tensor, plan: EffectivePlan) -> Tensor:
-    """Compose the conv weight with the resize: E[q, kh, kw, c, d], shape [nq, K, K, C, D].
-
-    E[q] = sum_{u,v} A_r[u, kh] * A_c[v, kw] * weight[d, c, u, v] for class q = (r, c); token
-    (i, j) of class q is then sum_{kh,kw,c} E[q, kh, kw, c, :] * x[p*i - halo + kh,
-    p*j - halo + kw, c]. Two GEMMs over all classes at once; float32 (float64 for a float64
-    weight) whatever the caller's autocast; differentiable.
-    """
-    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    D, C, k = weight.shape[0], weight.shape[1], weight.shape[2]
-    nr, nc, K = len(plan.row_classes), len(plan.col_classes), plan.taps
-    a_r, a_c = _maps_on(plan, weight.device, dt)  # [u, (i kh)], [v, (j kw)]
-    with _no_autocast(weight.device):  # bf16 autocast would round maps and weights to 8 bits
-        half = weight.to(dt).reshape(D * C * k, k) @ a_c  # [(d c u), (j kw)]
-        full = a_r.T @ half.reshape(D * C, k, nc * K)  # [(d c), (i kh), (j kw)]
-    e = full.reshape(D, C, nr, K, nc, K).permute(2, 4, 3, 5, 1, 0)  # [i, j, kh, kw, c, d]
-    return e.reshape(nr * nc, K, K, C, D).contiguous()
-
-
-def effective_weight_grad(grad_e: Tensor, plan: EffectivePlan) -> Tensor:
-    """Map dL/dE [nq, K, K, C, D] back to dL/dweight [D, C, k, k] (adjoint of effective_weights)."""
-    nr, nc, K = len(plan.row_classes), len(plan.col_classes), plan.taps
-    C, D = grad_e.shape[-2], grad_e.shape[-1]
-    k = plan.base
-    a_r, a_c = _maps_on(plan, grad_e.device, grad_e.dtype)
-    g = grad_e.reshape(nr, nc, K, K, C, D).permute(5, 4, 0, 2, 1, 3)  # [d, c, i, kh, j, kw]
-    with _no_autocast(grad_e.device):  # in grad_e's dtype (fp32), like effective_weights
-        half = a_r @ g.reshape(D * C, nr * K, nc * K)  # [(d c), u, (j kw)]
-        return (half.reshape(D * C * k, nc * K) @ a_c.T).reshape(D, C, k, k)
 
 
 def _padded_channels_last(
@@ -515,51 +277,6 @@ def _effective_backward(
     return effective_weight_grad(grad_e.reshape(plan.num_classes, K, K, C, D), plan)
 
 
-@torch.no_grad()
-def patch_embed_abs_scale(
-    x: Tensor,
-    weight: Tensor,
-    patch_size: int,
-    keep: Tensor | None = None,
-    band_index: Tensor | None = None,
-    grad: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Magnitude of the terms summed into each output (and weight-gradient) entry.
-
-    out_scale = conv(|weight|, |R_h| |x * keep| |R_w|^T) bounds sum |term| for both the
-    reference (resize then conv) and the effective path (|E| <= |W| |R| |R|), so float
-    rounding of either is O(eps * out_scale). Near a missing pixel (-99999) out_scale is
-    ~1e5 while the output may be small after cancellation: this is the scale an error bound
-    has to use there. With `grad`, also the same bound for dL/dweight (sum over tokens).
-
-    Returns:
-        (out_scale [B,h,w,T,D], weight_grad_scale [D,C,k,k] or None), float64.
-    """
-    _check_inputs(x, weight, None, patch_size, keep, band_index)
-    B, H, W, T = x.shape[:4]
-    base = weight.shape[-1]
-    img = x.double()
-    if band_index is not None:
-        img = torch.index_select(img, -1, band_index)
-    if keep is not None:
-        img = img * keep.double()[:, None, None, None, :]
-    img = img.abs().permute(0, 3, 4, 1, 2).reshape(B * T, -1, H, W)
-    if patch_size != base:
-        r_h = aa_bicubic_matrix(H, H // patch_size * base).abs().to(x.device)
-        r_w = aa_bicubic_matrix(W, W // patch_size * base).abs().to(x.device)
-        img = r_h @ img @ r_w.T
-    w_abs = weight.double().abs()
-    out = F.conv2d(img, w_abs, stride=base)
-    D, h, w = out.shape[1:]
-    out = out.reshape(B, T, D, h, w).permute(0, 3, 4, 1, 2)
-    if grad is None:
-        return out, None
-    g = grad.double().abs().permute(0, 3, 4, 1, 2).reshape(B * T, D, h, w)
-    gw = torch.ops.aten.convolution_backward(g, img, w_abs, None, [base, base], [0, 0], [1, 1],
-                                             False, [0, 0], 1, [False, True, False])[1]
-    return out, gw
-
-
 # --------------------------------------------------------------------------------------------
 # Registered op
 # --------------------------------------------------------------------------------------------
@@ -596,7 +313,7 @@ def _patch_embed_op(
     impl: str,
 ) -> Tensor:
     impl = _resolve_impl(impl, x)
-    with _no_autocast(x.device):
+    with no_autocast(x.device):
         if impl == "ref":
             return patch_embed_ref(x, weight, bias, patch_size, keep, band_index)
         if impl == "effective":
@@ -625,7 +342,7 @@ def _patch_embed_backward_op(
     band_index: Tensor | None,
     impl: str,
 ) -> tuple[Tensor, Tensor]:
-    with _no_autocast(x.device):
+    with no_autocast(x.device):
         return _patch_embed_backward(grad, x, weight, patch_size, keep, band_index,
                                      _resolve_impl(impl, x))
 
@@ -720,7 +437,7 @@ def patch_embed(
         # where the registered op's backward recomputes it (the fused GPU kernel's trade-off,
         # which only pays where the image is not stored): 1.4x faster fwd+bwd on CPU.
         # detached: the op's contract is gradients for weight and bias only
-        with _no_autocast(x.device):
+        with no_autocast(x.device):
             return patch_embed_ref(x.detach(), weight, bias, patch_size,
                                    None if keep is None else keep.detach(), band_index)
     return _patch_embed_op(x, weight, bias, patch_size, keep, band_index, impl)
@@ -751,7 +468,7 @@ def patch_embed_multi(
     if any(w.shape[-1] != base for w, _, _ in projections):
         raise ValueError("patch_embed_multi: every weight must have the same kernel size, got "
                          f"{[tuple(w.shape) for w, _, _ in projections]}")
-    with _no_autocast(x.device):  # computes in x.dtype, as patch_embed does
+    with no_autocast(x.device):  # computes in x.dtype, as patch_embed does
         return _multi_ref(x, projections, patch_size, band_index, base)
 
 
