@@ -1,7 +1,8 @@
 """Masked-negatives patch-discrimination loss, forward + backward: fused op vs the reference.
 
 Providers:
-* `ours`: `masked_neg_loss_from_dict` (Triton kernels on CUDA, the chunked path on CPU);
+* `ours`: the fused op `masked_neg_loss` on the dict-form inputs (`masked_neg_loss_from_dict`
+  of tests/helpers: one pack, then the op; Triton kernels on CUDA, the chunked path on CPU);
 * `ref`: the reference package's `modality_patch_discrimination_masked_negatives_vec`
   (`ModalityPatchDiscriminationMaskedNegativesVec`, present in 0.1.2), eager fp32;
 * `compile_ref`: `torch.compile` of the same `compute` (GPU only: compiling it takes minutes on
@@ -25,7 +26,7 @@ ref_loss = pytest.importorskip("olmoearth_pretrain.train.loss")
 from olmoearth_pretrain.datatypes import TokensAndMasks  # noqa: E402
 
 from olmoearth_fast.modalities import MaskValue  # noqa: E402
-from olmoearth_fast.ops.masked_neg_loss import masked_neg_loss_from_dict  # noqa: E402
+from tests.helpers.masked_neg_loss_dict import masked_neg_loss_from_dict  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -22,8 +22,9 @@ import torch
 
 from olmoearth_fast.model.encoder import mean_pool
 from olmoearth_fast.modalities import MaskValue
-from olmoearth_fast.ops.masked_neg_loss import masked_neg_loss_from_dict
-from olmoearth_fast.ops.patch_embed import band_dropout_keep, patch_embed
+from olmoearth_fast.ops.band_dropout import band_dropout_keep
+from olmoearth_fast.ops.patch_embed import patch_embed
+from tests.helpers.masked_neg_loss_dict import masked_neg_loss_from_dict
 
 DEC = int(MaskValue.DECODER)
 

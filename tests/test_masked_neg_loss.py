@@ -15,12 +15,8 @@ from olmoearth_fast.kernels.masked_neg_loss import masked_neg_loss_bwd, masked_n
 
 from olmoearth_fast.modalities import MaskValue
 from olmoearth_fast.ops import masked_neg_loss as M
-from olmoearth_fast.ops.masked_neg_loss import (
-    masked_neg_loss,
-    masked_neg_loss_from_dict,
-    masked_neg_loss_ref,
-    pack_loss_inputs,
-)
+from olmoearth_fast.ops.masked_neg_loss import masked_neg_loss, masked_neg_loss_ref
+from tests.helpers.masked_neg_loss_dict import masked_neg_loss_from_dict, pack_loss_inputs
 
 DEC = int(MaskValue.DECODER)
 B, D = 6, 32

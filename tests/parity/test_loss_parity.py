@@ -22,7 +22,7 @@ from olmoearth_pretrain.datatypes import TokensAndMasks  # noqa: E402
 
 from olmoearth_fast.losses import info_nce, modality_patch_disc_masked_neg  # noqa: E402
 from olmoearth_fast.modalities import MaskValue  # noqa: E402
-from olmoearth_fast.ops.masked_neg_loss import masked_neg_loss_from_dict  # noqa: E402
+from tests.helpers.masked_neg_loss_dict import masked_neg_loss_from_dict  # noqa: E402
 
 B, D = 6, 32
 DEC = int(MaskValue.DECODER)
