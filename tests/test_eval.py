@@ -2,7 +2,7 @@
 
 A demo model is trained once per module (exp14 demo recipe, nano, 60 steps of 8 samples on a
 16-sample demo dataset, ~12 s on 2 CPU cores); the fixture is the synthetic EuroSAT of
-`olmoearth_fast.eval.fixtures` (6 classes, 16 px), written in both layouts. Over 3 training
+`tests/helpers/eurosat_fixtures.py` (6 classes, 16 px), written in both layouts. Over 3 training
 seeds x 2 fixture seeds the trained model beat the random-init one by 0.14-0.38 kNN accuracy
 (random init: 0.18-0.25, chance 0.17).
 """
@@ -26,16 +26,15 @@ from olmoearth_fast.eval.datasets import (
 )
 from olmoearth_fast.eval.embed import embed_h5_dataset, save_embeddings, select_samples
 from olmoearth_fast.eval.embeddings import embed_batch, embed_images, load_model
-from olmoearth_fast.eval.fixtures import (
-    WAVELENGTH_ORDER,
+from olmoearth_fast.eval.demo import WAVELENGTH_ORDER, synthetic_eurosat
+from olmoearth_fast.eval.knn import evaluate_knn, knn_predict, knn_predict_ref
+from olmoearth_fast.eval.linprobe import evaluate_linear_probe, probe_lr, train_linear_probe
+from tests.helpers.eurosat_fixtures import (
     make_eurosat_fixture,
     split_assignment,
-    synthetic_eurosat,
     write_geobench_eurosat,
     write_torchgeo_eurosat,
 )
-from olmoearth_fast.eval.knn import evaluate_knn, knn_predict, knn_predict_ref
-from olmoearth_fast.eval.linprobe import evaluate_linear_probe, probe_lr, train_linear_probe
 
 PER_CLASS = {"train": 20, "valid": 12, "test": 12}
 NUM_CLASSES = 6

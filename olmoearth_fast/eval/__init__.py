@@ -6,8 +6,8 @@
     # {"eval/knn/valid_acc": ..., "eval/knn/seconds": ...}
 
 Modules: `datasets` (the GEO-Bench and torchgeo EuroSAT layouts), `embeddings` (model loading,
-mean-pooled encoder embeddings), `knn`, `linprobe`, `embed` (H5 dataset export), `fixtures`
-(synthetic EuroSAT in both layouts).
+mean-pooled encoder embeddings), `knn`, `linprobe`, `embed` (H5 dataset export), `demo` (the
+demo's kNN check on synthetic labelled scenes).
 """
 
 from olmoearth_fast.eval.datasets import EuroSAT, load_eurosat

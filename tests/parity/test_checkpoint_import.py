@@ -348,7 +348,7 @@ def test_init_from_checks_what_shapes_do_not_show(tmp_path):
 
 def test_eval_cli_takes_a_reference_directory(tmp_path, capsys):
     from olmoearth_fast.eval import __main__ as cli
-    from olmoearth_fast.eval.fixtures import make_eurosat_fixture
+    from tests.helpers.eurosat_fixtures import make_eurosat_fixture
 
     _reference_dir(tmp_path / "ref")
     data = make_eurosat_fixture(tmp_path / "eurosat", "torchgeo", {"train": 4, "valid": 2, "test": 2}, 16, 3)

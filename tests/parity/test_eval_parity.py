@@ -31,10 +31,11 @@ pytest.importorskip("pydantic")
 pytest.importorskip("upath")
 
 from olmoearth_fast.eval.datasets import GEOBENCH_BANDS, S2_BANDS, load_eurosat
+from olmoearth_fast.eval.demo import synthetic_eurosat
 from olmoearth_fast.eval.embeddings import embed_batch
-from olmoearth_fast.eval.fixtures import make_eurosat_fixture, synthetic_eurosat
 from olmoearth_fast.eval.knn import knn_accuracy, knn_predict
 from olmoearth_fast.eval.linprobe import evaluate_linear_probe
+from tests.helpers.eurosat_fixtures import make_eurosat_fixture
 
 
 def _reference_evals():

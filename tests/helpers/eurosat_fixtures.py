@@ -1,18 +1,7 @@
-"""Synthetic EuroSAT fixtures written in both on-disk layouts (for tests and smoke runs).
+"""Synthetic EuroSAT written in both on-disk layouts, for the evaluation tests.
 
-`synthetic_eurosat` draws 13-band Sentinel-2 scenes that are mixtures of "materials": a pixel's
-12 L2A bands are ``mean + 0.5·std·(a·z + 0.3·t + 0.05·ε)`` per band (pretraining statistics),
-with z the pixel's material level, a a per-scene random loading in [0.4, 0.8] per band, t a
-smooth texture shared by the bands and ε noise: the land-cover model of the demo pretraining
-data (`olmoearth_fast.data.demo`). A class is a distribution of material levels, laid out in
-smooth blobs (`CLASS_LEVELS`: homogeneous, two materials ±1 or ±2, three materials, a skewed
-pair, ...). Every class has the same mean level 0, so the classes differ in the spectra of
-their pixels but not in their mean spectrum: a random-init encoder, nearly linear, is close to
-chance under mean pooling, while an encoder that has learnt per-token features separates them.
-(On scenes told apart by their mean spectrum alone, e.g. one reflectance curve per class, a
-random-init encoder is a strong kNN baseline that a briefly trained one does not beat.)
-
-`write_geobench_eurosat` and `write_torchgeo_eurosat` store such arrays exactly as GEO-Bench
+The scenes are the demo's labelled fixture (`olmoearth_fast.eval.demo.synthetic_eurosat`);
+`write_geobench_eurosat` and `write_torchgeo_eurosat` store them exactly as GEO-Bench
 m-eurosat and torchgeo EuroSATallBands do (see `olmoearth_fast.eval.datasets`), including the
 pickled GEO-Bench metadata (built from plain records: geobench is not needed to write them).
 """
@@ -27,8 +16,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from olmoearth_fast.eval.datasets import (
     GEOBENCH_BANDS,
@@ -36,9 +23,8 @@ from olmoearth_fast.eval.datasets import (
     TORCHGEO_BASE_DIR,
     TORCHGEO_SPLIT_FILES,
 )
+from olmoearth_fast.eval.demo import WAVELENGTH_ORDER, synthetic_eurosat
 
-# Sentinel-2 bands in wavelength order: the GEO-Bench file order and the arrays made here
-WAVELENGTH_ORDER = tuple(GEOBENCH_BANDS.values())
 EUROSAT_CLASSES = (
     "AnnualCrop",
     "Forest",
@@ -51,73 +37,6 @@ EUROSAT_CLASSES = (
     "River",
     "SeaLake",
 )
-# Material levels z and their area fractions per class; every class has mean level 0.
-CLASS_LEVELS: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...] = (
-    ((0.0,), (1.0,)),
-    ((-1.0, 1.0), (0.5, 0.5)),
-    ((-2.0, 2.0), (0.5, 0.5)),
-    ((-2.0, 0.0, 2.0), (1 / 3, 1 / 3, 1 / 3)),
-    ((-2 / 3, 2.0), (0.75, 0.25)),
-    ((2 / 3, -2.0), (0.75, 0.25)),
-    ((-3.0, 3.0), (0.5, 0.5)),
-    ((-1.0, 0.0, 1.0), (1 / 3, 1 / 3, 1 / 3)),
-    ((-1.0, 3.0), (0.75, 0.25)),
-    ((1.0, -3.0), (0.75, 0.25)),
-)
-_B10_DN = 15  # cirrus band: not a model input (dropped by both loaders), small DN like real B10
-
-
-def _smooth_fields(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
-    """[n, size, size] fields, zero mean and unit variance each, correlation length ~ size / 3."""
-    cells = max(2, min(4, size // 2))
-    low = torch.from_numpy(rng.standard_normal((n, 1, cells, cells)))
-    field = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[
-        :, 0
-    ].numpy()
-    field -= field.mean(axis=(1, 2), keepdims=True)
-    return field / (field.std(axis=(1, 2), keepdims=True) + 1e-6)
-
-
-def synthetic_eurosat(
-    num_per_class: int, size: int = 64, num_classes: int = 10, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """``num_per_class`` scenes of each of the first ``num_classes`` classes (module docstring).
-
-    Returns:
-        (uint16 [N, size, size, 13] DN in `WAVELENGTH_ORDER`, int64 labels [N]), class-major.
-    """
-    from olmoearth_fast.data.normalize import load_norm_stats
-    from olmoearth_fast.eval.datasets import S2_BANDS
-
-    if not 1 <= num_classes <= len(CLASS_LEVELS):
-        raise ValueError(f"num_classes must be in [1, {len(CLASS_LEVELS)}], got {num_classes}")
-    if num_per_class < 1 or size < 2:
-        raise ValueError(f"num_per_class must be >= 1 and size >= 2, got {num_per_class}, {size}")
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(num_classes), num_per_class)
-    n = len(labels)
-    layout, texture = _smooth_fields(rng, 2 * n, size).reshape(2, n, size, size)
-    z = np.empty((n, size, size))
-    for i, c in enumerate(labels):
-        levels, fractions = CLASS_LEVELS[c]
-        # material k covers the pixels whose layout value falls in the k-th quantile band
-        cuts = np.quantile(layout[i], np.cumsum(fractions)[:-1])
-        z[i] = np.asarray(levels)[np.searchsorted(cuts, layout[i])]
-    stats = load_norm_stats("computed")["sentinel2_l2a"]
-    mean = np.array([stats[b]["mean"] for b in S2_BANDS])
-    std = np.array([stats[b]["std"] for b in S2_BANDS])
-    loading = rng.uniform(0.4, 0.8, (n, 1, 1, len(S2_BANDS)))
-    u = (
-        loading * z[..., None]
-        + 0.3 * texture[..., None]
-        + 0.05 * rng.standard_normal((n, size, size, 12))
-    )
-    l2a = mean + 0.5 * std * u
-    out = np.empty((n, size, size, 13))
-    for j, b in enumerate(S2_BANDS):
-        out[..., WAVELENGTH_ORDER.index(b)] = l2a[..., j]
-    out[..., WAVELENGTH_ORDER.index("B10")] = _B10_DN + rng.integers(-3, 4, (n, size, size))
-    return np.clip(np.rint(out), 1, 2**15 - 1).astype(np.uint16), labels.astype(np.int64)
 
 
 def split_assignment(labels: np.ndarray, per_class: Mapping[str, int]) -> list[str]:
