@@ -68,7 +68,7 @@ def test_bench_data(bench, files, provider, strategy, p, hw_p):
         from olmoearth_pretrain.nn.tokenization import ModalityTokenization, TokenizationConfig
         from olmoearth_pretrain.train.masking import MaskingConfig
 
-        from olmoearth_fast.data.refcompat import import_reference_dataset, reference_dataset
+        from tests.helpers.refcompat import import_reference_dataset, reference_dataset
 
         ref_mod = import_reference_dataset()
         ds = reference_dataset(files, TRAINING_MODALITIES)

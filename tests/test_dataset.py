@@ -12,6 +12,7 @@ from olmoearth_fast.data.demo import make_demo_dataset
 from olmoearth_fast.data.h5 import write_metadata, write_sample
 from olmoearth_fast.data.normalize import normalize
 from olmoearth_fast.modalities import TRAINING_MODALITIES, tokenization_preset
+from tests.helpers.dataset_ref import get_item_ref
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_fast_path_equals_full_tile_path(demo, p, hw_p, budget):
         if hw_p * p > ds.tile_size:
             continue
         a = ds.get_item(i, p, hw_p, budget, np.random.default_rng(i))
-        b = ds.get_item_ref(i, p, hw_p, budget, np.random.default_rng(i))
+        b = get_item_ref(ds, i, p, hw_p, budget, np.random.default_rng(i))
         assert a.missing_modalities == b.missing_modalities
         np.testing.assert_array_equal(a.timestamps, b.timestamps)
         for m in TRAINING_MODALITIES:
@@ -114,7 +115,7 @@ def test_crop_too_large_and_budget_errors(tmp_path):
 def test_matches_reference_dataset(demo):
     """Same crop draws (legacy np.random with one seed) -> bit-identical arrays."""
     pytest.importorskip("olmoearth_pretrain")
-    from olmoearth_fast.data.refcompat import import_reference_dataset, reference_dataset
+    from tests.helpers.refcompat import import_reference_dataset, reference_dataset
 
     ref_mod = import_reference_dataset()
     ref = reference_dataset(demo, TRAINING_MODALITIES)

@@ -14,9 +14,9 @@ Item semantics are the reference's `OlmoEarthDataset.__getitem__` + `subset_samp
 
 `get_item` does the same but reads only the crop window out of each H5 dataset (a hyperslab:
 the whole zstd chunk is still decompressed, but the full tile is never padded, cast or copied)
-and normalises only the crop. `get_item_ref` is the literal full-tile transcription, used as the
-oracle in tests. Both draw the crop with the same numpy Generator calls, so for one seed they
-return identical arrays.
+and normalises only the crop. The tests hold the literal full-tile transcription as its oracle
+(tests/helpers/dataset_ref.py); both draw the crop with the same numpy Generator calls, so for
+one seed they return identical arrays.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from olmoearth_fast.data.h5 import (
     MISSING_TIMESTEPS_GROUP,
     CorruptSampleError,
     read_metadata,
-    read_sample,
     sample_path,
 )
 from olmoearth_fast.data.normalize import normalize as normalize_band_values
@@ -353,63 +352,3 @@ class OlmoEarthH5Dataset:
             data[m] = np.full(shape, MISSING_VALUE, dtype=np.float32)
             missing.append(m)
         return missing
-
-    # ------------------------------------------------------------------ reference path
-    def get_item_ref(
-        self,
-        i: int,
-        patch_size: int,
-        hw_p: int,
-        token_budget: int | None,
-        rng: np.random.Generator,
-        budget_tokenization: TokenizationConfig | None = None,
-        crop: tuple[int, int, int] | None = None,
-    ) -> Sample:
-        """Full-tile transcription of the reference item (read all, pad all, crop, normalise)."""
-        path = self.path(i)
-        L = self.max_sequence_length
-        raw = read_sample(path, self.training_modalities)
-        ts, masks, current = self._time_axis(raw.timestamps, raw.missing_timesteps, path)
-        full: dict[str, np.ndarray] = {}
-        for m in self.training_modalities:
-            if m not in raw.arrays:
-                continue
-            x = raw.arrays[m]
-            spec = get_modality(m)
-            if m in masks:
-                x = x.astype(np.float32)
-                mask = masks[m]
-                if not mask.all() or len(mask) < L:
-                    t_axis = 2 if spec.is_spatial else 0
-                    shape = list(x.shape)
-                    shape[t_axis] = L
-                    padded = np.full(shape, MISSING_VALUE, dtype=np.float32)
-                    idx = np.flatnonzero(mask)
-                    n = min(len(idx), x.shape[t_axis])
-                    if spec.is_spatial:
-                        padded[:, :, idx[:n]] = x[:, :, :n]
-                    else:
-                        padded[idx[:n]] = x[:n]
-                    x = padded
-            full[m] = x
-        spatial = [m for m in self.training_modalities
-                   if m in full and get_modality(m).is_spatial]
-        if not spatial:
-            raise CorruptSampleError(f"{path}: no spatial training modality")
-        height = full[spatial[0]].shape[0]
-        hw = hw_p * patch_size
-        max_t = self.max_t(hw_p, token_budget, budget_tokenization)
-        t0, h0, w0 = self._draw_crop(rng, masks, max_t, current, height, hw, crop)
-        data = {}
-        for m, x in full.items():
-            spec = get_modality(m)
-            if spec.is_spacetime:
-                x = x[h0:h0 + hw, w0:w0 + hw, t0:t0 + max_t]
-            elif spec.is_space_only:
-                x = x[h0:h0 + hw, w0:w0 + hw]
-            elif spec.is_time_only:
-                x = x[t0:t0 + max_t]
-            data[m] = self._finish(m, x, cast_first=False)
-        missing = self._fill_absent(data, hw, max_t)
-        data = {m: data[m] for m in self.training_modalities}
-        return Sample(data, ts[t0:t0 + max_t], int(self.sample_indices[i]), missing)

@@ -52,7 +52,7 @@ TARGET_ENV = {"implementation_name": "cpython", "implementation_version": "3.12.
               "python_full_version": "3.12.3", "python_version": "3.12", "sys_platform": "linux"}
 
 # what our code takes from the reference package and its chain (tests/parity, tests/*,
-# benchmarks/*, scripts/compare_loss_curves.py, olmoearth_fast/data/refcompat.py)
+# benchmarks/*, scripts/compare_loss_curves.py, tests/helpers/refcompat.py)
 SMOKE_MODULES = [
     "hdf5plugin", "h5py", "pandas", "psutil", "tifffile", "matplotlib", "sklearn", "pydantic", "upath",
     "pytest", "pytest_benchmark", "triton", "pkg_resources",
