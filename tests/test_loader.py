@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from olmoearth_fast.config import DataConfig
 from olmoearth_fast.data.collate import MaskedViews
 from olmoearth_fast.data.demo import ensure_demo_dataset, fixture_dir, make_demo_dataset
 from olmoearth_fast.data.h5 import CorruptSampleError, read_sample
@@ -23,11 +24,11 @@ def demo(tmp_path_factory):
                              tile_size=32)
 
 
-def loader(path, **kw):
-    args = dict(global_batch_size=8, masking=MASKING, tokenization="single_bandset",
-                hw_p_list=range(1, 7), patch_sizes=range(1, 5))
-    args.update(kw)
-    return OlmoEarthLoader(path, **args)
+def loader(path, rank=0, world_size=1, **data):
+    """A loader over `path`: 8-sample batches, in-process; `data` overrides DataConfig fields."""
+    cfg = DataConfig(**{"global_batch_size": 8, "num_workers": 0, "hw_p_list": tuple(range(1, 7)),
+                        "patch_sizes": tuple(range(1, 5)), **data})
+    return OlmoEarthLoader(path, cfg, masking=MASKING, rank=rank, world_size=world_size)
 
 
 def same(a: MaskedViews, b: MaskedViews) -> bool:

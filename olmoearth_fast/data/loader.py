@@ -1,6 +1,6 @@
 """Two-view data loader: global order, rank sharding, per-batch shapes, workers, exact resume.
 
-Reference behaviour kept (experiments_data_training.md §3.6):
+Reference behaviour kept (docs/reference_semantics.md §9.5):
 
 * per epoch the sample order is a seeded shuffle, truncated to a multiple of the global batch;
 * global batch s is rows s·G .. (s+1)·G of that order; rank r takes columns r::world_size;
@@ -30,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from olmoearth_fast.config import DataConfig
 from olmoearth_fast.data.collate import MaskedViews, collate_views
 from olmoearth_fast.data.dataset import OlmoEarthH5Dataset, Sample
 from olmoearth_fast.data.h5 import CorruptSampleError
 from olmoearth_fast.data.masking import MaskingConfig, MaskingStrategy, build_masking
 from olmoearth_fast.errors import UserValueError
-from olmoearth_fast.modalities import TRAINING_MODALITIES, TokenizationConfig, as_tokenization
+from olmoearth_fast.modalities import TRAINING_MODALITIES, as_tokenization
 
 logger = logging.getLogger(__name__)
 
@@ -45,76 +46,57 @@ class OlmoEarthLoader:
 
     Args:
         dataset: an `OlmoEarthH5Dataset` or a directory of reference-format H5 samples.
-        global_batch_size: samples per step over all ranks (512 in the reference).
-        seed: data seed (3622 in the reference).
+        data: the run's `DataConfig`: global batch size, seed, workers, patch sizes, hw_p list,
+            token budget and its tokenization, the experiment's tokenization, views,
+            skip_corrupt (its `dataset`, `rank_microbatch_size` and `demo_samples` are not read
+            here).
+        masking: strategy, `MaskingConfig` (the run's `cfg.masking`), reference-style dict or
+            name.
         rank, world_size: data-parallel position; the rank batch is global / world_size.
-        num_workers: worker processes (0 = in the calling process).
-        patch_sizes: p values drawn uniformly per rank batch (1..8).
-        hw_p_list: tokens-per-side values drawn per rank batch (1..12).
-        token_budget: tokens per sample that fix T (2250); None = 12 months.
-        masking: strategy, `MaskingConfig`, reference-style dict or name.
-        tokenization: the experiment's tokenization (mask last dim); None = default bandsets.
-        num_views: 1 or 2 masked views.
-        budget_tokenization: "default" counts the budget with default bandsets (reference
-            quirk), "experiment" with `tokenization`.
-        shuffle: shuffle the sample order each epoch.
-        skip_corrupt: replace an unreadable sample by the next readable one, with a warning,
-            instead of raising.
-        training_modalities: used when `dataset` is a path.
-        prefetch_factor, pin_memory, multiprocessing_context: passed to torch's DataLoader.
+        training_modalities: modalities to load when `dataset` is a path.
+        pin_memory: page-lock the batches made by worker processes (CUDA training).
 
     Raises:
-        ValueError: inconsistent sizes, ranks or shape lists (the message names the argument).
+        ValueError: inconsistent sizes, ranks or shape lists (the message names the setting).
     """
 
     def __init__(
         self,
         dataset: OlmoEarthH5Dataset | str | os.PathLike,
-        global_batch_size: int,
+        data: DataConfig,
         *,
-        seed: int = 3622,
+        masking: MaskingStrategy | MaskingConfig | Mapping | str,
         rank: int = 0,
         world_size: int = 1,
-        num_workers: int = 0,
-        patch_sizes: Sequence[int] = tuple(range(1, 9)),
-        hw_p_list: Sequence[int] = tuple(range(1, 13)),
-        token_budget: int | None = 2250,
-        masking: MaskingStrategy | MaskingConfig | Mapping | str = "modality_cross_random",
-        tokenization: TokenizationConfig | Mapping | str | None = None,
-        num_views: int = 2,
-        budget_tokenization: str = "default",
-        shuffle: bool = True,
-        skip_corrupt: bool = False,
         training_modalities: Sequence[str] = TRAINING_MODALITIES,
-        prefetch_factor: int | None = 2,
         pin_memory: bool = False,
-        multiprocessing_context: str | None = None,
     ):
         if not isinstance(dataset, OlmoEarthH5Dataset):
-            dataset = OlmoEarthH5Dataset(dataset, training_modalities, skip_corrupt=skip_corrupt)
+            dataset = OlmoEarthH5Dataset(dataset, training_modalities, skip_corrupt=data.skip_corrupt)
         self.dataset = dataset
+        global_batch_size = data.global_batch_size
         if global_batch_size < 1 or world_size < 1 or global_batch_size % world_size:
             raise UserValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                                  f"world_size={world_size}: set data.global_batch_size accordingly")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        if num_views not in (1, 2):
-            raise ValueError(f"num_views must be 1 or 2, got {num_views}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if budget_tokenization not in ("default", "experiment"):
-            raise ValueError(f"budget_tokenization must be 'default' or 'experiment', got "
-                             f"{budget_tokenization!r}")
-        self.patch_sizes = [int(p) for p in patch_sizes]
-        self.hw_p_list = [int(h) for h in hw_p_list]
+        if data.num_views not in (1, 2):
+            raise ValueError(f"data.num_views must be 1 or 2, got {data.num_views}")
+        if data.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {data.num_workers}")
+        if data.budget_tokenization not in ("default", "experiment"):
+            raise ValueError(f"data.budget_tokenization must be 'default' or 'experiment', got "
+                             f"{data.budget_tokenization!r}")
+        self.patch_sizes = [int(p) for p in data.patch_sizes]
+        self.hw_p_list = [int(h) for h in data.hw_p_list]
         if not self.patch_sizes or min(self.patch_sizes) < 1:
-            raise ValueError(f"patch_sizes must be positive ints, got {list(patch_sizes)}")
+            raise ValueError(f"data.patch_sizes must be positive ints, got {list(data.patch_sizes)}")
         if not self.hw_p_list or min(self.hw_p_list) < 1:
-            raise ValueError(f"hw_p_list must be positive ints, got {list(hw_p_list)}")
-        self.tokenization = as_tokenization(tokenization)
+            raise ValueError(f"data.hw_p_list must be positive ints, got {list(data.hw_p_list)}")
+        self.tokenization = as_tokenization(data.tokenization)
         if isinstance(masking, MaskingStrategy):
             if masking.tokenization != self.tokenization:
-                raise ValueError("masking strategy tokenization differs from `tokenization`: "
+                raise ValueError("masking strategy tokenization differs from data.tokenization: "
                                  f"{masking.tokenization} vs {self.tokenization}")
             self.masking = masking
         else:
@@ -122,16 +104,13 @@ class OlmoEarthLoader:
         self.global_batch_size = int(global_batch_size)
         self.rank, self.world_size = int(rank), int(world_size)
         self.rank_batch_size = self.global_batch_size // self.world_size
-        self.seed = int(seed)
-        self.num_workers = int(num_workers)
-        self.token_budget = token_budget
-        self.num_views = num_views
-        self.budget_tokenization = budget_tokenization
-        self.shuffle = shuffle
-        self.skip_corrupt = skip_corrupt or dataset.skip_corrupt
-        self.prefetch_factor = prefetch_factor
+        self.seed = int(data.seed)
+        self.num_workers = int(data.num_workers)
+        self.token_budget = data.token_budget
+        self.num_views = data.num_views
+        self.budget_tokenization = data.budget_tokenization
+        self.skip_corrupt = data.skip_corrupt or dataset.skip_corrupt
         self.pin_memory = pin_memory
-        self.multiprocessing_context = multiprocessing_context
         self.tile_size = dataset.tile_size
         if not any(h * p <= self.tile_size for p in self.patch_sizes for h in self.hw_p_list):
             raise UserValueError(f"no (patch_size, hw_p) pair fits the dataset's {self.tile_size}-px tiles "
@@ -156,8 +135,7 @@ class OlmoEarthLoader:
         """Dataset positions of the epoch, truncated to whole global batches."""
         if self._order_epoch != epoch:
             order = np.arange(len(self.dataset), dtype=np.int64)
-            if self.shuffle:
-                np.random.default_rng([self.seed, epoch]).shuffle(order)
+            np.random.default_rng([self.seed, epoch]).shuffle(order)
             self._order = order[: len(self) * self.global_batch_size]
             self._order_epoch = epoch
         return self._order
@@ -239,9 +217,7 @@ class OlmoEarthLoader:
                 _EpochSlice(self, epoch, steps),
                 batch_size=None,
                 num_workers=self.num_workers,
-                prefetch_factor=self.prefetch_factor,
                 pin_memory=self.pin_memory,
-                multiprocessing_context=self.multiprocessing_context,
                 worker_init_fn=_worker_init,
                 persistent_workers=False,
             ))
