@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from olmoearth_fast.losses import LOSS_FIELD_ORDER, info_nce, modality_patch_disc_masked_neg
 from olmoearth_fast.modalities import MaskValue
-from olmoearth_fast.ops.masked_neg_loss import masked_neg_loss_ref, pack_loss_inputs
+from olmoearth_fast.ops.masked_neg_loss import masked_neg_loss_ref
+from tests.helpers.masked_neg_loss_dict import pack_loss_inputs
 
 DEC, ENC = int(MaskValue.DECODER), int(MaskValue.ONLINE_ENCODER)
 
