@@ -8,7 +8,7 @@ Providers:
 * `compile_ref`: `torch.compile` of the same `compute` (GPU only: compiling it takes minutes on
   the 2-core CPU machine).
 
-Workload (experiments_data_training.md §1.5, single-bandset tokenization): a rank microbatch of
+Workload (docs/reference_semantics.md §9.4, single-bandset tokenization): a rank microbatch of
 B = 32, D = 768, hw_p in {4, 8, 12} with T = 12, 4, 1, i.e. hw_p^2 T tokens each for
 sentinel2_l2a, sentinel1 and landsat plus hw_p^2 for each of the six decode-only maps (672,
 1152, 1296 tokens per sample). Each token is DECODER with probability 0.5 (cross_random's decode

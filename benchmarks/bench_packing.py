@@ -5,8 +5,8 @@ sort by keep flag, gather, zero the tail, truncate to the longest row (host sync
 back a boolean-index put plus a scatter. Ours: one index pass (cumsum), one row gather, one row
 scatter. ``naive_torch`` is the plain-PyTorch nonzero-and-index pack, for scale.
 
-Shapes: B=32 samples, N=1152 tokens (hw_p=8, T=4 single-bandset, model_semantics §6.7), D=768,
-keep ratio 0.25 and 0.5 (the encoder keeps roughly 15–50%).
+Shapes: B=32 samples, N=1152 tokens (hw_p=8, T=4 single-bandset, docs/reference_semantics.md
+§9.4), D=768, keep ratio 0.25 and 0.5 (the encoder keeps roughly 15–50%).
 """
 
 import pytest

@@ -1,9 +1,9 @@
 """Fused, segmented masked-negatives patch-discrimination loss: Triton forward and backward.
 
-The loss (model_semantics.md §7.1) is one InfoNCE per (sample, modality) segment of c DECODER
-tokens. Tokens are packed: packed rows [seg_offsets[s], seg_offsets[s+1]) form segment s (int32
-offsets, like cu_seqlens), and packed row k lives in row `row_index[k]` of the `pred` / `target`
-buffers, so callers need not copy rows into packed order. For rows i, j of one segment:
+The loss (docs/reference_semantics.md §8.1) is one InfoNCE per (sample, modality) segment of c
+DECODER tokens. Tokens are packed: packed rows [seg_offsets[s], seg_offsets[s+1]) form segment s
+(int32 offsets, like cu_seqlens), and packed row k lives in row `row_index[k]` of the `pred` /
+`target` buffers, so callers need not copy rows into packed order. For rows i, j of one segment:
 
     s_ij   = <p_i, t_j> / (|p_i| |t_j| tau)          (L2 normalisation fused, eps 1e-12)
     dup_ij = <t_i, t_j> / (|t_i| |t_j|) > threshold   (only in segments with negative masking)
@@ -28,7 +28,7 @@ Grid: one program per (segment, block of BM rows), from a table built on the dev
 host sync (`_row_block_table`); the grid size cdiv(rows, BM) + segments is static, surplus
 programs do nothing. Work is sum_s c_s^2 D, not B N^2 D; memory is O(rows).
 
-Precision (performance_anchors.md §1.5). The 0.999 duplicate threshold is 1e-3 from 1, below
+Precision (docs/reference_semantics.md §8.3). The 0.999 duplicate threshold is 1e-3 from 1, below
 bf16 (2^-8) and TF32 (2^-11) input rounding, and the scores define the loss value, so both dots
 follow fp32 semantics:
   * fp32 inputs: `tf32x3` dots (3 TF32 MMAs, error ~fp32 ulp). Cost: ~1/3 of the TF32 MMA

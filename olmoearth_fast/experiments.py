@@ -2,11 +2,11 @@
 
 Each is a named function returning a full `RunConfig`; `get("exp14")` and
 `get("single_bandset_all12_random_band_dropout_cross_random_masked_neg")` are the same. Base
-settings (experiments_data_training.md §1.2): base_shallow_decoder, drop_path 0.1, AdamW lr 1e-4
+settings (docs/reference_semantics.md §10): base_shallow_decoder, drop_path 0.1, AdamW lr 1e-4
 wd 0.02, warmup 8000 then cosine to 1e-5, clip 1.0, global batch 512, microbatch 32, two views,
 token budget 2250, patch size 1–8, hw_p 1–12, 300 epochs, modality_cross_random (allow the same
 bandset to be encoded and decoded), masked-negatives loss (τ 0.1, threshold 0.999, negatives
-masked in the decode-only maps) + InfoNCE (weight 0.1, τ 0.1). Differences: §1.3.
+masked in the decode-only maps) + InfoNCE (weight 0.1, τ 0.1). Differences: the table of §10.
 """
 
 from __future__ import annotations

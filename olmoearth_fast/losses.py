@@ -1,7 +1,7 @@
 """Training losses: masked-negatives patch discrimination and InfoNCE (reference semantics).
 
 `modality_patch_disc_masked_neg` is the dense, vectorised PyTorch form of the reference's
-`modality_patch_discrimination_masked_negatives` (model_semantics.md §7.1, §9 items 10-11):
+`modality_patch_discrimination_masked_negatives` (docs/reference_semantics.md §8.1, §8.2):
 
 * per modality m (summed in `LOSS_FIELD_ORDER`) and sample b, the c_b DECODER tokens form one
   c_b x c_b InfoNCE: s_ij = <p_hat_i, t_hat_j>/tau, positive = diagonal;
@@ -12,10 +12,10 @@
   samples (c_b = 1 counts, with loss 0), sum over modalities, times `weight`.
 
 It works on all N_m positions of a modality (O(B N_m^2) memory, like the reference's `_vec`);
-the fused op `olmoearth_fast.ops.masked_neg_loss.masked_neg_loss_from_dict` has the same
-signature and semantics and touches only the sum_b c_b^2 decoder pairs. Both run in fp32 with
-autocast disabled: under bf16 autocast the bmm re-casts and the 0.999 test flips
-(experiments_data_training.md §5.4: +1.3 loss from step 2).
+the fused op `olmoearth_fast.ops.masked_neg_loss.masked_neg_loss` has the same semantics on
+packed DECODER tokens and touches only the sum_b c_b^2 decoder pairs (tests compare the two
+through `tests/helpers/masked_neg_loss_dict.py`). Both run in fp32 with autocast disabled:
+under bf16 autocast the bmm re-casts and the 0.999 test flips (docs/reference_semantics.md §8.3).
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def modality_patch_disc_masked_neg(
 
 
 def info_nce(p: Tensor, q: Tensor, *, tau: float = 0.1, weight: float = 1.0) -> Tensor:
-    """One-directional InfoNCE between two views' pooled projections (model_semantics.md §5.4).
+    """One-directional InfoNCE between two views' pooled projections
+    (docs/reference_semantics.md §8.4).
 
     logits = normalize(p) normalize(q)^T / tau, cross-entropy against the diagonal, mean over
     rows, times `weight`. Negatives are the other rows of the same (rank-local) batch; a batch

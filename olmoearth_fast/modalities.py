@@ -1,9 +1,9 @@
 """Modality and band specs, default bandsets, tokenization config, mask codes.
 
 Everything here mirrors the reference's `data/constants.py` and `nn/tokenization.py` for the ten
-modalities these experiments use (model_semantics.md §1). A modality's canonical band order is
-the concatenation of its default bandsets; every data tensor carries all canonical bands and a
-tokenization config picks band groups out of them by index.
+modalities these experiments use (docs/reference_semantics.md §1). A modality's canonical band
+order is the concatenation of its default bandsets; every data tensor carries all canonical
+bands and a tokenization config picks band groups out of them by index.
 """
 
 from __future__ import annotations
@@ -116,10 +116,10 @@ _ERA5_BANDS = (
     "10m-u-component-of-wind", "10m-v-component-of-wind", "total-precipitation",
 )
 
-# The reference's TokensAndMasks / MaskedOlmoEarthSample field order (model_semantics §7),
-# including modalities not used here (latlon, naip, ...). The loss sums modalities in this
-# order, token sequences concatenate them in it, and modality_cross_random lists present units
-# in it (the "2 present units: encode the first" rule depends on it).
+# The reference's TokensAndMasks / MaskedOlmoEarthSample field order, including modalities not
+# used here (latlon, naip, ...). The loss sums modalities in this order, token sequences
+# concatenate them in it, and modality_cross_random lists present units in it (the "2 present
+# units: encode the first" rule depends on it): docs/reference_semantics.md §2.3.
 LOSS_FIELD_ORDER: tuple[str, ...] = (
     "sentinel2_l2a", "sentinel1", "worldcover", "latlon", "openstreetmap_raster", "srtm",
     "landsat", "naip", "naip_10", "gse", "cdl", "worldpop", "worldcereal",
@@ -257,7 +257,7 @@ class TokenizationConfig:
 
 _S2 = MODALITIES["sentinel2_l2a"]
 _LANDSAT = MODALITIES["landsat"]
-# Named band groupings of the experiments (experiments_data_training.md §1.3).
+# Named band groupings of the experiments (docs/reference_semantics.md §1.3).
 TOKENIZATION_PRESETS: dict[str, dict[str, list[list[str]]]] = {
     # exps 9/10 (and the multi-bandset baseline): no override, S2 3 groups, Landsat 2
     "default": {},

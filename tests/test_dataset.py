@@ -22,7 +22,7 @@ def demo(tmp_path_factory):
 
 
 def test_budget_table_default_bandsets():
-    """experiments_data_training.md §1.5: T per hw_p with the default-bandset quirk."""
+    """docs/reference_semantics.md §9.4: T per hw_p with the default-bandset quirk."""
     got = [max_t_within_budget(TRAINING_MODALITIES, h, 2250) for h in range(1, 13)]
     assert got == [12, 12, 12, 12, 12, 9, 6, 4, 3, 2, 2, 1]
     # counting the single-bandset tokenization instead: 3 tokens/month, 6 static per position

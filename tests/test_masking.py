@@ -1,4 +1,4 @@
-"""Masking rules of model_semantics.md §6.3-§6.6, checked exactly per sample."""
+"""Masking rules of docs/reference_semantics.md §7.1-§7.4, checked exactly per sample."""
 
 import math
 

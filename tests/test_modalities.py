@@ -1,4 +1,4 @@
-"""Modality specs and tokenization config (model_semantics.md §1)."""
+"""Modality specs and tokenization config (docs/reference_semantics.md §1)."""
 
 import pytest
 

@@ -1,4 +1,5 @@
-"""OlmoEarth H5 dataset: one item = a cropped, normalised sample (data doc §3.4).
+"""OlmoEarth H5 dataset: one item = a cropped, normalised sample (docs/reference_semantics.md
+§9.3).
 
 Item semantics are the reference's `OlmoEarthDataset.__getitem__` + `subset_sample_default`:
 

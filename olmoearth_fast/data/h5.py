@@ -1,4 +1,4 @@
-"""The reference H5 sample layout: reader and writer (experiments_data_training.md §3.3).
+"""The reference H5 sample layout: reader and writer (docs/reference_semantics.md §9.1).
 
 One file per sample, `<dir>/sample_{index}.h5`:
 

@@ -1,4 +1,4 @@
-"""Masking strategies, vectorised over the batch (model_semantics.md §6).
+"""Masking strategies, vectorised over the batch (docs/reference_semantics.md §7).
 
 A strategy maps a batch of normalised data (modality -> `[B,H,W,T,C_all]` or `[B,T,C_all]`,
 −99999 where missing) and a patch size p to one pixel-resolution uint8 mask per modality,
@@ -277,7 +277,7 @@ class RandomMasking(MaskingStrategy):
 
 
 class ModalityCrossRandomMasking(MaskingStrategy):
-    """`modality_cross_random` (model_semantics.md §6.4).
+    """`modality_cross_random` (docs/reference_semantics.md §7.2).
 
     Base random mask per modality; per sample, the present (modality, bandset) units in field
     order get encode/decode roles (1 unit: encode; 2: first encode, second decode; >=3: k of the
@@ -384,7 +384,7 @@ class ModalityCrossRandomMasking(MaskingStrategy):
 
 
 class RandomWithDecodeMasking(MaskingStrategy):
-    """`random_with_decode` (model_semantics.md §6.5).
+    """`random_with_decode` (docs/reference_semantics.md §7.3).
 
     Only-decode modalities: every valid pixel DECODER. Per sample, the other units with any
     valid pixel are shuffled; the first ceil(n·er) take the encode role (floor(M·er) ONLINE,
@@ -425,7 +425,7 @@ class RandomWithDecodeMasking(MaskingStrategy):
 
 
 class RandomTimeWithDecodeMasking(RandomWithDecodeMasking):
-    """`random_time_with_decode` (HEAD; model_semantics.md §6.6).
+    """`random_time_with_decode` (later reference versions; docs/reference_semantics.md §7.4).
 
     As random_with_decode, but a sample whose spacetime encode/decode units cover >= 2 months
     uses, with probability 1 − random_ratio, time mode: its present months are shuffled, the

@@ -1,4 +1,4 @@
-"""Per-band normalisation with the reference statistics (experiments_data_training.md §3.4).
+"""Per-band normalisation with the reference statistics (docs/reference_semantics.md §9.2).
 
 `x' = (x - lo) / (hi - lo)` per band with, in order of preference:
 

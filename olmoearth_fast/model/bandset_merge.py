@@ -1,4 +1,4 @@
-"""Bandset merge / unmerge (experiments 9, 10, 12; model_semantics §8.1).
+"""Bandset merge / unmerge (experiments 9, 10, 12; docs/reference_semantics.md §4.5, §5.4).
 
 Merge, for a modality with S > 1 bandsets, at each token position:
     zero every bandset whose mask is not ONLINE; merged = MLP(concat_s tokens_s) · S / max(1, #ONLINE)

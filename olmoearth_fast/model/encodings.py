@@ -1,4 +1,5 @@
-"""Composite encodings: four additive slots of n = int(D/4) dims (model_semantics §3.2).
+"""Composite encodings: four additive slots of n = int(D/4) dims (docs/reference_semantics.md
+§4.1).
 
     [0:n)   channel/bandset embedding, a learnable [BS, n] table per modality, zero-initialised
     [n:2n)  time index 0..T-1 (multitemporal modalities)

@@ -3,8 +3,9 @@
 Each modality m contributes a block of tokens ``[h, w, T, BS]`` (spatial; T = 1 for maps) or
 ``[T, BS]`` (time-only era5_10), flattened row-major (bandset fastest, then t, then w, then h) as
 in the reference, and blocks are concatenated in ``LOSS_FIELD_ORDER`` (the reference's loss
-order; every other computation is permutation-equivariant, §3.1). A flat token position is
-``b * N + n``. The layout is pure metadata (Python ints), computed once per step.
+order; every other computation is permutation-equivariant: docs/reference_semantics.md §2.3).
+A flat token position is ``b * N + n``. The layout is pure metadata (Python ints), computed once
+per step.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class TokenLayout:
     def token_masks(self, pixel_masks: dict[str, Tensor]) -> Tensor:
         """Pixel masks {m: [B,H,W,T,BS] | [B,T,BS]} → token mask codes [B, N] (long).
 
-        A token's value is its patch's top-left pixel (model_semantics §2.2 step 6).
+        A token's value is its patch's top-left pixel (docs/reference_semantics.md §2.2).
         """
         p = self.patch_size
         per = {}

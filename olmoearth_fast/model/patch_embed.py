@@ -1,4 +1,4 @@
-"""Per-(modality, bandset) patch embeddings with band dropout (model_semantics §2).
+"""Per-(modality, bandset) patch embeddings with band dropout (docs/reference_semantics.md §3).
 
 Spatial bandsets: band gather → band dropout → antialiased bicubic resize by 8/p → Conv2d 8×8
 stride 8, all inside one `olmoearth_fast.ops.patch_embed` call (fused Triton kernel on CUDA).

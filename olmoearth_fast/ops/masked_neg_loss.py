@@ -7,7 +7,7 @@ of the `pred` / `target` buffers ([N, D]; default: the identity). Packed rows ou
 [seg_offsets[0], seg_offsets[-1]) are ignored and buffer rows no segment uses get zero
 gradient, so a buffer of static size needs no host sync.
 
-`masked_neg_loss` returns the per-modality losses L_m (docs/reference_semantics.md §7.1): mean
+`masked_neg_loss` returns the per-modality losses L_m (docs/reference_semantics.md §8.1): mean
 over a segment's tokens of 2 tau (lse_i - s_ii), mean over counted segments of the modality
 (c = 1 counts with 0; a masked segment with c > 1 where some row has no "not same" column is
 skipped). The reference total is `weight * L.sum()`. In training the segments come from the

@@ -5,12 +5,12 @@
 `modality_patch_discrimination_masked_negatives` (per-sample loop) and its `_vec` variant, and
 `info_nce` against the reference's InfoNCE: value and prediction gradient within 1e-5.
 
-Inputs (model_semantics.md §7.1 edge cases): map-like targets that are exact copies of a few
-class vectors (pairwise cosine exactly 1 or <= 0.99, so the 0.999 rule cannot flip between
-implementations), c = 1 samples, all-duplicate (skipped) samples, a modality whose every sample
-is skipped, an empty modality, latlon ([B, D] tokens), and modalities excluded from negative
-masking. Tokens are [B, h, w, t, bs, D] as in TokensAndMasks; our dict form is their row-major
-flattening, like the reference's `flatten_tokens_and_masks_per_modality`.
+Inputs (the edge cases of docs/reference_semantics.md §8.1): map-like targets that are exact
+copies of a few class vectors (pairwise cosine exactly 1 or <= 0.99, so the 0.999 rule cannot
+flip between implementations), c = 1 samples, all-duplicate (skipped) samples, a modality whose
+every sample is skipped, an empty modality, latlon ([B, D] tokens), and modalities excluded
+from negative masking. Tokens are [B, h, w, t, bs, D] as in TokensAndMasks; our dict form is
+their row-major flattening, like the reference's `flatten_tokens_and_masks_per_modality`.
 """
 
 import pytest
