@@ -79,7 +79,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float = 1.0
-    fused: bool | None = None  # None: fused on CUDA, foreach on CPU
+    fused: bool | None = True  # True: one fused AdamW kernel per step (CPU and CUDA); False/None: foreach
 
 
 @dataclass

@@ -99,7 +99,7 @@ class Trainer:
         if self.compiled:
             model.compile_blocks()
         self._graphs = _compiled_graphs()
-        fused = cfg.optim.fused if cfg.optim.fused is not None else device.type == "cuda"
+        fused = bool(cfg.optim.fused)
         params = [p for p in model.parameters() if p.requires_grad]
         # one parameter group, weight decay on every parameter (as the reference's AdamW config)
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
@@ -404,12 +404,8 @@ def build_loader(cfg: RunConfig, rank: int, world_size: int, run_dir: str, pin_m
         raise UserFileNotFoundError(f"data.dataset={path}: {e}; expected reference-format sample_*.h5 files "
                                     f"(with sample_metadata.csv), or use --demo") from None
     check_dataset_modalities(dataset, cfg.model.modalities)
-    return OlmoEarthLoader(dataset, d.global_batch_size, seed=d.seed, rank=rank, world_size=world_size,
-                           num_workers=d.num_workers, patch_sizes=d.patch_sizes, hw_p_list=d.hw_p_list,
-                           token_budget=d.token_budget, masking=cfg.masking, tokenization=d.tokenization,
-                           num_views=d.num_views, budget_tokenization=d.budget_tokenization,
-                           skip_corrupt=d.skip_corrupt, training_modalities=cfg.model.modalities,
-                           pin_memory=pin_memory and d.num_workers > 0)
+    return OlmoEarthLoader(dataset, d, masking=cfg.masking, rank=rank, world_size=world_size,
+                           training_modalities=cfg.model.modalities, pin_memory=pin_memory and d.num_workers > 0)
 
 
 def plot_history(history: list[dict], run_dir: str, knn: dict | None = None) -> str:

@@ -1,0 +1,126 @@
+"""Where the time of one exp14 training step goes: ours next to the reference's fastest config.
+
+    python scripts/profile_step.py --size tiny --batch 8 [--steps 2] [--device cpu|cuda]
+
+Runs the `benchmarks/bench_train_step.py` setup (same weights, same masked batches, exp14,
+p=4, hw_p=6 on CPU) under `torch.profiler` for ``--steps`` steps after a warm-up step and sorts
+every operator's self time into: matmul (Linear, conv, bmm and their backward), attention
+(SDPA kernels), elementwise and norms, data movement and indexing (copies, cat, gather/scatter,
+fills), optimizer (the AdamW update), other ops; "Python / dispatch" is the step's wall time
+minus the operators' time (framework overhead between kernels). Prints one Markdown table.
+On CUDA the device time of each kernel is used instead (self CUDA time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from reference_step import ReferenceStep, copy_weights, reference_model  # noqa: E402
+
+from olmoearth_fast import experiments, perf  # noqa: E402
+from olmoearth_fast.checkpoint import import_reference_state_dict  # noqa: E402
+from olmoearth_fast.config import apply_overrides  # noqa: E402
+from olmoearth_fast.data.demo import ensure_demo_dataset  # noqa: E402
+from olmoearth_fast.trainer import Trainer, build_loader, build_model  # noqa: E402
+
+CATEGORIES = [
+    ("attention", r"scaled_dot_product|flash_attention|efficient_attention|varlen"),
+    ("optimizer", r"adam|_foreach|lerp|addcdiv|addcmul|_fused"),
+    ("matmul", r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|conv|convolution|mkldnn_conv|_convolution|"
+               r"convolution_backward|_slow_conv|mkldnn_linear)"),
+    ("data movement / indexing", r"copy|cat|stack|index|gather|scatter|fill|zero|clone|contiguous|narrow|"
+                                 r"split|select_backward|slice_backward|masked|where|nonzero|_to_copy|empty|"
+                                 r"olmoearth_fast::(gather|scatter|varlen|merge)"),
+    ("elementwise / norms", r"norm|gelu|softmax|add|mul|div|sub|exp|log|sqrt|rsqrt|pow|sum|mean|max|min|"
+                            r"neg|sin|cos|upsample|clamp|abs|sign|erf|tanh|relu|bitwise|eq|ne|lt|gt|ge|le|"
+                            r"logical|any|all|rand|bernoulli|reciprocal|dropout|masked_neg_loss"),
+]
+
+
+def categorise(name: str) -> str:
+    for cat, pattern in CATEGORIES:
+        if re.search(pattern, name):
+            return cat
+    return "other ops"
+
+
+def profile_steps(step, batches, steps: int, cuda: bool) -> tuple[dict[str, float], float]:
+    step(batches[0])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for i in range(steps):
+            step(batches[i % len(batches)])
+        if cuda:
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.key.startswith("ProfilerStep") or e.key.startswith("autograd::") or e.key.startswith("Optimizer."):
+            continue
+        t = (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6 / steps
+        out[categorise(e.key)] = out.get(categorise(e.key), 0.0) + t
+    return out, wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--patch-size", type=int, default=4)
+    ap.add_argument("--hw-p", type=int, default=6)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = ensure_demo_dataset(f"{tmp}/demo", num_samples=max(2 * args.batch, 32))
+        cfg = apply_overrides(experiments.get("exp14"), [
+            f"model.size={args.size}", f"data.dataset={root}", f"checkpoint.dir={tmp}/run",
+            f"data.global_batch_size={args.batch}", f"data.rank_microbatch_size={args.batch}",
+            f"data.patch_sizes=[{args.patch_size}]", f"data.hw_p_list=[{args.hw_p}]", "data.num_workers=0",
+            "logging.wandb=False", "trainer.max_steps=1000"])
+        loader = build_loader(cfg, 0, 1, f"{tmp}/run")
+        batches = [loader.make_batch(1, i) for i in range(2)]
+        work = perf.step_work(batches[0], cfg)
+        torch.manual_seed(cfg.trainer.init_seed)
+        init = reference_model(cfg, "feb")
+        ours_model = build_model(cfg, torch.device("cpu"))
+        import_reference_state_dict(ours_model, init.state_dict())
+        trainer = Trainer(cfg, loader, ours_model.to(device), device, f"{tmp}/run", log=lambda *a: None)
+        ref_model = reference_model(cfg, "best", device.type)
+        copy_weights(ref_model, init)
+        ref = ReferenceStep(ref_model, cfg, "best", device)
+        results = {"ours": profile_steps(trainer.train_step, batches, args.steps, cuda),
+                   "ref_best": profile_steps(ref, batches, args.steps, cuda)}
+    cats = [c for c, _ in CATEGORIES] + ["other ops", "Python / dispatch"]
+    print(f"exp14 {args.size}, B={args.batch}, p={args.patch_size}, hw_p={args.hw_p}, {device}, "
+          f"{torch.get_num_threads()} threads; seconds per step (share of the step)")
+    print("| | ours | ref_best |")
+    print("|---|---|---|")
+    for c in cats:
+        cells = []
+        for name in ("ours", "ref_best"):
+            per, wall = results[name]
+            t = max(wall - sum(per.values()), 0.0) if c == "Python / dispatch" else per.get(c, 0.0)
+            cells.append(f"{t:.3f} ({100 * t / wall:.0f}%)")
+        print(f"| {c} | {cells[0]} | {cells[1]} |")
+    o, r = results["ours"][1], results["ref_best"][1]
+    print(f"| **step (profiled)** | **{o:.3f}** | **{r:.3f}** |")
+    print(f"work: ours {work.ours_total / 1e9:.1f} GFLOP, ref_best {work.ref_total / 1e9:.1f} GFLOP; "
+          f"matmul-class FLOP/s: ours {work.ours_total / max(results['ours'][0].get('matmul', 0) + results['ours'][0].get('attention', 0), 1e-9) / 1e9:.0f} GFLOP/s, "
+          f"ref_best {work.ref_total / max(results['ref_best'][0].get('matmul', 0) + results['ref_best'][0].get('attention', 0), 1e-9) / 1e9:.0f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
