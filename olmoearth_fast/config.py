@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from olmoearth_fast.data.loader import DataConfig
 from olmoearth_fast.data.masking import MaskingConfig
 from olmoearth_fast.errors import UserKeyError, UserTypeError, UserValueError
 from olmoearth_fast.modalities import ONLY_DECODE_MODALITIES, TRAINING_MODALITIES
@@ -40,25 +41,6 @@ class ModelConfig:
     merge_after_layer: int = -1
     # reference quirk: in eval the encoder attends to its zero padding (see model/encoder.py)
     eval_attend_padding: bool = True
-
-
-@dataclass
-class DataConfig:
-    # directory of reference-format H5 samples; DEMO_DATASET = the generated demo dataset (--demo)
-    dataset: str | None = None
-    tokenization: str | dict | None = "single_bandset"  # preset name or {modality: [[bands]]}
-    global_batch_size: int = 512
-    rank_microbatch_size: int = 32
-    token_budget: int | None = 2250
-    # "default" counts the token budget with default bandsets (the reference's quirk)
-    budget_tokenization: str = "default"
-    patch_sizes: tuple[int, ...] = tuple(range(1, 9))
-    hw_p_list: tuple[int, ...] = tuple(range(1, 13))
-    num_views: int = 2
-    num_workers: int = 4
-    seed: int = 3622
-    skip_corrupt: bool = False
-    demo_samples: int = 256  # size of the generated demo dataset (dataset="demo")
 
 
 @dataclass

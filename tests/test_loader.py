@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from olmoearth_fast.config import DataConfig
 from olmoearth_fast.data.collate import MaskedViews
 from olmoearth_fast.data.demo import ensure_demo_dataset, fixture_dir, make_demo_dataset
 from olmoearth_fast.data.h5 import CorruptSampleError, read_sample
-from olmoearth_fast.data.loader import OlmoEarthLoader
+from olmoearth_fast.data.loader import DataConfig, OlmoEarthLoader
 from olmoearth_fast.modalities import MODALITIES, ONLY_DECODE_MODALITIES
 
 MASKING = {"type": "modality_cross_random", "allow_encoding_decoding_same_bandset": True,

@@ -25,12 +25,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from olmoearth_fast.config import DataConfig
 from olmoearth_fast.data.collate import MaskedViews, collate_views
 from olmoearth_fast.data.dataset import OlmoEarthH5Dataset, Sample
 from olmoearth_fast.data.h5 import CorruptSampleError
@@ -39,6 +39,30 @@ from olmoearth_fast.errors import UserValueError
 from olmoearth_fast.modalities import TRAINING_MODALITIES, as_tokenization
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """The run's data settings (`RunConfig.data`): what the loader reads, how it crops and masks
+    (with the run's `MaskingConfig`), and the microbatch size the trainer splits rank batches into.
+    Defaults are the reference experiments' (docs/reference_semantics.md §9, §10)."""
+
+    # directory of reference-format H5 samples; "demo" (config.DEMO_DATASET) = the generated
+    # demo dataset (--demo)
+    dataset: str | None = None
+    tokenization: str | dict | None = "single_bandset"  # preset name or {modality: [[bands]]}
+    global_batch_size: int = 512
+    rank_microbatch_size: int = 32
+    token_budget: int | None = 2250
+    # "default" counts the token budget with default bandsets (the reference's quirk)
+    budget_tokenization: str = "default"
+    patch_sizes: tuple[int, ...] = tuple(range(1, 9))
+    hw_p_list: tuple[int, ...] = tuple(range(1, 13))
+    num_views: int = 2
+    num_workers: int = 4
+    seed: int = 3622
+    skip_corrupt: bool = False
+    demo_samples: int = 256  # size of the generated demo dataset (dataset="demo")
 
 
 class OlmoEarthLoader:
