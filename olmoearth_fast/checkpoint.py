@@ -495,8 +495,7 @@ def load_reference(path: str, device: str | torch.device = "cpu", random_init: b
     The run config is derived from the reference model config (`reference_run_config`); with
     ``random_init`` the weights stay freshly initialised (the random-encoder baseline).
     """
-    from olmoearth_fast.model.latent_mim import LatentMIM
-    from olmoearth_fast.modalities import as_tokenization
+    from olmoearth_fast.model.latent_mim import build_model
 
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(path, "weights.pth")):
@@ -507,8 +506,7 @@ def load_reference(path: str, device: str | torch.device = "cpu", random_init: b
     if "model" not in saved:
         raise UserValueError(f"{config_path} has no 'model' entry: not a reference checkpoint config")
     cfg = reference_run_config(saved["model"])
-    torch.manual_seed(cfg.trainer.init_seed)  # as a fresh training run's init
-    model = LatentMIM(cfg.model, as_tokenization(cfg.data.tokenization)).to(device)
+    model = build_model(cfg, torch.device(device))  # seeded as a fresh training run's init
     if not random_init:
         init_from(model, cfg, path)
     return model.eval(), cfg
