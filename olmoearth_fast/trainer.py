@@ -1,12 +1,15 @@
 """The training loop: microbatches, two views in one pass, loss, optimizer, schedule, logging.
 
-Per rank batch (model_semantics §0, §5.5): split into microbatches; for each, the frozen target
-projection is computed once, both views go through encoder and decoder as one 2B batch, and
+Per rank batch (docs/reference_semantics.md §8.5; reduction order §8.2): split into
+microbatches; for each, the frozen target projection is computed once, both views go through
+encoder and decoder as one 2B batch, and
     L = weight · (L_A + L_B) / 2 + InfoNCE_w(pooled_A, pooled_B),   divided by #microbatches,
 with the masked-negatives loss computed in fp32 on the packed DECODER tokens. A non-finite L
-stops the accumulation for this step (the reference `break`s too) and the optimizer still
-steps. Gradients are averaged over ranks after the last microbatch (one all-reduce per step),
-clipped to max_grad_norm, and AdamW steps with linear warmup then cosine decay.
+stops the accumulation for this step (the reference `break`s too; here the step is replayed
+without the rest) and the optimizer still steps. Gradients are averaged over ranks after the
+last microbatch (one all-reduce per step), clipped to max_grad_norm, and AdamW steps with linear
+warmup then cosine decay. Every mask-dependent index is planned on the host before the copy to
+the device (`model/plan.py`), and the device is read twice per step (statistics, grad norm).
 """
 
 from __future__ import annotations

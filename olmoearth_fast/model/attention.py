@@ -1,4 +1,4 @@
-"""Transformer blocks over packed variable-length token sets (model_semantics §3.4).
+"""Transformer blocks over packed variable-length token sets (docs/reference_semantics.md §4.3).
 
 Tokens live packed as ``[total, D]`` with ``cu_seqlens``; only attention needs to know where one
 sample ends. Backends, picked per call:

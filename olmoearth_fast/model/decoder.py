@@ -1,4 +1,4 @@
-"""Cross-attention-only decoder ("Predictor", model_semantics §4).
+"""Cross-attention-only decoder ("Predictor", docs/reference_semantics.md §5).
 
 context = Linear(LN_in(encoder ONLINE tokens)) + decoder encodings, fixed across layers and never
 LayerNorm'd inside the blocks; queries = mask_token + decoder encodings at DECODER positions;

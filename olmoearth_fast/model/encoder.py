@@ -1,8 +1,8 @@
-"""Online encoder on packed ONLINE tokens (model_semantics §3).
+"""Online encoder on packed ONLINE tokens (docs/reference_semantics.md §4).
 
 patch tokens → (+ composite encodings) → keep ONLINE tokens, packed varlen with the C++ ops →
 pre-norm blocks (per-sample DropPath) → final LayerNorm → pooled projection (mean of ONLINE
-tokens, then Linear). Optional bandset merge before the transformer or after block k (§8.1).
+tokens, then Linear). Optional bandset merge before the transformer or after block k (docs/reference_semantics.md §4.5).
 
 Removed tokens are never materialised: encodings are evaluated only at the kept positions, and
 the packed output is scattered back to ``[B, N, D]`` (exact zeros elsewhere) only on request.

@@ -2,7 +2,7 @@
 
 The reference's target is `deepcopy(encoder)` run with token_exit_cfg all 0 and EMA decay
 (1, 1): it is exactly the frozen, randomly initialised patch-embedding projection of the
-unmasked, un-dropped input (model_semantics §5.1). Only that projection is kept here
+unmasked, un-dropped input (docs/reference_semantics.md §6). Only that projection is kept here
 (`target_patch_embeddings`, no grad), and it is computed once per microbatch for both views.
 """
 
