@@ -133,9 +133,11 @@ def exp17() -> RunConfig:
 
 
 EXPERIMENTS: dict[str, Callable[[], RunConfig]] = {f"exp{i}": globals()[f"exp{i}"] for i in range(1, 18)}
-# the reference's keys (exp 5 was also called ..._band_dropout_0.3_... in an earlier version)
+# the reference's keys (exp 5 was also called ..._band_dropout_0.3_... in an earlier version;
+# exp 13's key in the script's experiment dict lacks the "no60m" its README gives it)
 KEYS: dict[str, str] = {fn().name: short for short, fn in EXPERIMENTS.items()}
 KEYS["single_bandset_band_dropout_0.3_cross_random_masked_neg"] = "exp5"
+KEYS["single_bandset_random_band_dropout_cross_random_masked_neg"] = "exp13"
 
 
 def get(name: str) -> RunConfig:

@@ -58,6 +58,9 @@ def test_lookup_by_number_and_reference_key():
     assert experiments.get("14") == experiments.get("exp14") == experiments.get(key)
     assert experiments.get("single_bandset_band_dropout_0.3_cross_random_masked_neg").name == \
         experiments.get("exp5").name
+    # exp 13 under the script's key and under its README's
+    assert experiments.get("single_bandset_random_band_dropout_cross_random_masked_neg") == \
+        experiments.get("single_bandset_no60m_random_band_dropout_cross_random_masked_neg") == experiments.get("13")
     with pytest.raises(KeyError, match="valid: exp1"):
         experiments.get("exp99")
 
