@@ -97,6 +97,9 @@ class CheckpointConfig:
     save_every: int = 250
     keep_last: int = 2
     resume: bool = False  # continue from the latest checkpoint in `dir`
+    # start afresh in a `dir` that holds checkpoints (they are pruned as new ones are written);
+    # without it, or resume, the launcher refuses to touch an existing run
+    overwrite: bool = False
 
 
 @dataclass

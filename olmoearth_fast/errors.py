@@ -33,3 +33,7 @@ class UserTypeError(UserError, TypeError):
 
 class UserFileNotFoundError(UserError, FileNotFoundError):
     """A path that does not exist or holds nothing usable."""
+
+
+class UserFileExistsError(UserError, FileExistsError):
+    pass

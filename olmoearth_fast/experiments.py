@@ -164,6 +164,7 @@ def demo(cfg: RunConfig) -> RunConfig:
     cfg.data.hw_p_list = (4,)
     cfg.trainer.max_steps = 300
     cfg.schedule.warmup_steps = 20
+    cfg.checkpoint.overwrite = True  # `make demo` again starts the demo again
     cfg.optim.lr = 1e-3
     cfg.checkpoint.save_every = 100
     cfg.checkpoint.dir = "runs/demo"

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from olmoearth_fast import checkpoint as ckpt
 from olmoearth_fast import experiments
 from olmoearth_fast.config import dumps
-from olmoearth_fast.errors import UserError, UserValueError
+from olmoearth_fast.errors import UserError, UserFileExistsError, UserValueError
 from olmoearth_fast.trainer import Trainer, build_loader, build_model, plot_history
 
 
@@ -67,6 +67,11 @@ def run(cfg, args, rank: int, world_size: int) -> None:
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    existing = ckpt.checkpoints(run_dir)
+    if existing and not (cfg.checkpoint.resume or cfg.checkpoint.overwrite):
+        raise UserFileExistsError(f"{run_dir} already holds a run (checkpoint of step {existing[-1][0]}): pass "
+                                  "--resume to continue it, checkpoint.dir=... for a new run, or "
+                                  "checkpoint.overwrite=true to start again there")
     loader = build_loader(cfg, rank, world_size, run_dir, pin_memory=device.type == "cuda")
     model = build_model(cfg, device)
     state = ckpt.resume_state(run_dir, cfg, model) if cfg.checkpoint.resume else None
@@ -76,6 +81,8 @@ def run(cfg, args, rank: int, world_size: int) -> None:
     if state is not None:
         trainer.load_state_dict(state)
         log(f"resumed from step {trainer.step} ({run_dir})")
+    elif cfg.checkpoint.resume:
+        log(f"--resume: no checkpoint in {run_dir} yet; starting at step 0")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{cfg.name}: {cfg.model.size} ({n_params / 1e6:.2f}M trainable), {len(loader.dataset)} samples, "
         f"global batch {cfg.data.global_batch_size} on {world_size} rank(s), {device}, {trainer.max_steps} steps")

@@ -147,3 +147,16 @@ def test_unusable_weight_sources(dataset, tmp_path, capsys):
 def test_cuda_requested_without_cuda(dataset, tmp_path, capsys):
     line = _fails(capsys, _argv(dataset, tmp_path / "run", "trainer.device=cuda"))
     assert "trainer.device=cuda but torch sees no CUDA device" in line
+
+
+def test_an_existing_run_is_not_overwritten(dataset, tmp_path, capsys):
+    argv = ["exp14", f"data.dataset={dataset}", f"checkpoint.dir={tmp_path / 'run'}", "model.size=nano",
+            "trainer.max_steps=1", *SMALL]
+    main(argv)
+    before = ckpt.checkpoints(str(tmp_path / "run"))
+    line = _fails(capsys, argv)
+    assert "already holds a run (checkpoint of step 1)" in line and "--resume" in line
+    assert ckpt.checkpoints(str(tmp_path / "run")) == before  # untouched
+    main([*argv, "checkpoint.overwrite=true"])  # asked for: starts again there
+    main([*argv, "--resume", f"checkpoint.dir={tmp_path / 'fresh'}"])  # --resume without a checkpoint: a start
+    assert "no checkpoint in" in capsys.readouterr().out
