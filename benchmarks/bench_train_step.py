@@ -12,6 +12,7 @@ split into microbatches the same way. Providers:
   projection). The headline ratio is against it.
 * ``ref``: the February 2026 path these experiments ran (full target encoder, per-sample loss
   loop, foreach AdamW), a second row.
+* ``ours_compiled`` (GPU only): ours with the transformer blocks compiled (`trainer.compile`).
 
 Each record carries the step's FLOPs from the work model (`olmoearth_fast.perf.step_work`, on
 the timed batches: ours for ``ours``, the reference's padded per-view computation for the
@@ -89,16 +90,23 @@ def demo_dataset(tmp_path_factory):
     return str(ensure_demo_dataset(root, num_samples=max(max(_batch(s)[0] for s in SIZES), 64)))
 
 
+# ours with trainer.compile=true: on GPU only (compiling takes a minute per size on the 2-core
+# CPU, where it measured slower; see trainer.COMPILE_BY_DEFAULT)
+PROVIDERS = ["ours", "ref_best", "ref"] + (["ours_compiled"] if ON_GPU else [])
+
+
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("provider", ["ours", "ref_best", "ref"])
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_train_step(bench, provider, size, demo_dataset, tmp_path):
     cfg = _config(size, str(tmp_path / "run"), demo_dataset)
+    if provider == "ours_compiled":
+        cfg = apply_overrides(cfg, ["trainer.compile=true"])
     loader = build_loader(cfg, 0, 1, str(tmp_path / "run"))
     batches = [loader.make_batch(1, s) for s in range(2)]  # rotate two batches of the same shape
     torch.manual_seed(cfg.trainer.init_seed)
     init = reference_model(cfg, "feb")  # the shared initial weights (Conv2d layout)
     work = [perf.step_work(b, cfg) for b in batches]
-    if provider == "ours":
+    if provider.startswith("ours"):
         model = build_model(cfg, torch.device("cpu"))
         import_reference_state_dict(model, init.state_dict())
         trainer = Trainer(cfg, loader, model.to(DEVICE), DEVICE, str(tmp_path / "run"), log=lambda *a: None)
@@ -123,7 +131,8 @@ def test_train_step(bench, provider, size, demo_dataset, tmp_path):
     batch, micro = _batch(size)
     ratio = sum(w.ratio for w in work) / len(work)
     median = bench(step, group=f"exp14 train step {size} B={batch} micro={micro} p={p} hw_p={hw}",
-                   provider=provider, rounds=_rounds(size), warmup=1, size=size, batch=batch, microbatch=micro,
+                   provider=provider, rounds=_rounds(size), warmup=3 if provider == "ours_compiled" else 1,
+                   size=size, batch=batch, microbatch=micro,
                    patch_size=p, hw_p=hw, dtype="bf16 autocast" if ON_GPU else "fp32",
                    threads=torch.get_num_threads(), flops=flops, work_ratio=ratio)
     print(f"{provider} {size}: {batch / median:.1f} samples/s")

@@ -328,8 +328,11 @@ class Trainer:
                  f"| eta {_fmt_time(eta)}")
 
 
-# `trainer.compile` when not set: where compiling the blocks measured faster (benchmarks/RESULTS.md).
-COMPILE_BY_DEFAULT = {"cuda": True, "cpu": False}
+# `trainer.compile` when not set: on where compiling the blocks measured faster on that device
+# (benchmarks/RESULTS.md). CPU: slower (exp14 nano B=16: 0.79 -> 0.85 s, tiny B=8: 1.71 ->
+# 1.79 s; no fusion pays for the graph breaks around attention). CUDA: not yet measured; the
+# device programme times `ours_compiled` beside `ours` (benchmarks/bench_train_step.py).
+COMPILE_BY_DEFAULT = {"cuda": False, "cpu": False}
 
 
 def _compiled_graphs() -> int:

@@ -365,6 +365,9 @@ stage_bench() {
     for size in "${sizes[@]}"; do
         for p in "${BENCH_STEP_PROVIDERS[@]}"; do steps+=("benchmarks/bench_train_step.py::test_train_step[$p-$size]"); done
     done
+    # last, if time is left: the largest size with the blocks compiled (decides trainer.compile's
+    # CUDA default; its warm-up includes the compile)
+    ((${#BENCH_STEP_PROVIDERS[@]})) && steps+=("benchmarks/bench_train_step.py::test_train_step[ours_compiled-${sizes[-1]}]")
     # benchmarks/conftest.py writes its table to benchmarks/last_run.json (or, where it reads
     # OLMOEARTH_BENCH_LAST_RUN, there); publish_plugin copies whichever is written to $OUT after
     # every case. A rehearsal (here, in a working tree) keeps a developer's last_run.json.
