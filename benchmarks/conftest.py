@@ -42,6 +42,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # what our Trainer does on CPU (olmoearth_fast.trainer.keep_freed_memory), set here for the
+    # whole session so that the reference providers run under the same allocator settings
+    from olmoearth_fast.trainer import keep_freed_memory
+
+    keep_freed_memory()
 
 _RESULTS: list[dict] = []
 ON_GPU = torch.cuda.is_available()

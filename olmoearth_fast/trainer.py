@@ -98,6 +98,8 @@ class Trainer:
         self.autocast = device.type == "cuda" and cfg.trainer.precision in ("auto", "bf16")
         if cfg.trainer.precision == "bf16" and device.type != "cuda":
             raise ValueError("trainer.precision=bf16 needs CUDA; use fp32 (or auto) on CPU")
+        if device.type == "cpu" and cfg.trainer.keep_freed_memory:
+            keep_freed_memory()
         self.compiled = cfg.trainer.compile if cfg.trainer.compile is not None else COMPILE_BY_DEFAULT[device.type]
         if self.compiled:
             model.compile_blocks()
@@ -340,6 +342,30 @@ def _compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def keep_freed_memory() -> bool:
+    """Serve large CPU tensors from the heap and keep freed memory in the process (glibc).
+
+    glibc gives every allocation above 32 MB its own mmap and unmaps it on free, so each large
+    activation of a step page-faults its memory in again (zeroed by the kernel). At
+    base_shallow_decoder, microbatch 32 on the 2-core CPU that was 40 of 110 CPU-seconds per step
+    in the kernel: M_MMAP_MAX=0 and a high M_TRIM_THRESHOLD made the step 1.6x faster (60 ->
+    37 s; no change at nano or tiny, whose tensors stay below the threshold). The process keeps
+    its peak memory reserved instead of returning it between steps. Returns whether it applied
+    (Linux with glibc only).
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
 def _torch_rng_state() -> tuple:

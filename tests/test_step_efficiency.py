@@ -268,3 +268,16 @@ def test_compiled_step_equals_eager_and_resume_is_exact(dataset, tmp_path):
     assert [h["loss"] for h in resumed] == [h["loss"] for h in straight]
     for k, v in comp.model.state_dict().items():
         assert torch.equal(v, second.model.state_dict()[k]), k
+
+
+def test_cpu_trainer_keeps_freed_memory_unless_told_not_to(dataset, tmp_path, monkeypatch):
+    import platform
+
+    calls = []
+    monkeypatch.setattr(trainer_mod, "keep_freed_memory", lambda: calls.append(1) or True)
+    _trainer(_cfg("exp14", tmp_path, dataset), tmp_path)
+    _trainer(_cfg("exp14", tmp_path, dataset, "trainer.keep_freed_memory=false"), tmp_path)
+    assert calls == [1]
+    monkeypatch.undo()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert trainer_mod.keep_freed_memory()
