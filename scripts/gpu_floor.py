@@ -53,7 +53,7 @@ def main() -> None:
     for name, spec in (("H100 SXM", perf.GPU_SPECS["H100"]), ("H200", perf.GPU_SPECS["H200"])):
         floors = {side: perf.gpu_step_floor(work, cfg.model, side, spec) for side in ("ours", "ref")}
         print(f"\n{name}: {spec[0] / 1e12:.0f} TFLOP/s bf16 dense, {spec[1] / 1e12:.2f} TB/s")
-        print(f"| component | ours ms (flop / byte floor) | reference ms (flop / byte floor) |")
+        print("| component | ours ms (flop / byte floor) | reference ms (flop / byte floor) |")
         print("|---|---|---|")
         for k in COMPONENTS:
             cells = []

@@ -81,7 +81,7 @@ class Segments:
         padding); ``gather_rows(padded, unpad_index)`` takes them back.
         """
         if self._pad is None:
-            b, length = self.batch, max(self.max_len, 1)
+            length = max(self.max_len, 1)
             starts = self.cu_seqlens[:-1].long()
             lengths = self.cu_seqlens[1:].long() - starts
             slot = torch.arange(length, device=starts.device)

@@ -19,8 +19,9 @@ from olmoearth_fast.checkpoint import (  # noqa: E402
     export_reference_state_dict,
     import_reference_state_dict,
 )
-from olmoearth_fast.modalities import MISSING_VALUE, MODALITIES, MaskValue, tokenization_preset  # noqa: E402
+from olmoearth_fast.modalities import MaskValue, tokenization_preset  # noqa: E402
 from olmoearth_fast.model.latent_mim import LatentMIM, ModelConfig  # noqa: E402
+from tests.helpers.parity_batch import random_masked_batch  # noqa: E402
 
 MODS = ("sentinel2_l2a", "sentinel1", "landsat", "worldcover", "era5_10")
 
@@ -39,44 +40,6 @@ def _ref_model(tok, drop_path=0.1):
 
 def _our_model(tok, drop_path=0.1):
     return LatentMIM(ModelConfig(dims=(64, 2, 4, 64, 2, 4, 2.0), modalities=MODS, drop_path=drop_path), tok)
-
-
-def _batch(tok, p, hw, t, b=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    size = hw * p
-    data, masks = {}, {}
-    for m in MODS:
-        spec = MODALITIES[m]
-        bs = tok.num_bandsets(m)
-        tt = t if spec.is_multitemporal else 1
-        if spec.is_spatial:
-            x = torch.randn(b, size, size, tt, spec.num_bands, generator=g)
-            # scattered missing pixels: they bleed into neighbouring tokens through the resize
-            x[torch.rand(b, size, size, tt, generator=g) < 0.03] = MISSING_VALUE
-            codes = torch.randint(0, 3, (b, hw, hw, tt, bs), generator=g)
-            pix = codes.repeat_interleave(p, 1).repeat_interleave(p, 2)
-            # a token whose top-left pixel has a missing band is MISSING (per bandset)
-            for i, idx in enumerate(tok.bandset_indices(m)):
-                miss = (x[..., idx] == MISSING_VALUE).any(-1)
-                pix[..., i][miss] = MaskValue.MISSING
-        else:
-            x = torch.randn(b, tt, spec.num_bands, generator=g)
-            pix = torch.randint(0, 3, (b, tt, bs), generator=g)
-        data[m], masks[m] = x, pix.long()
-    # every sample keeps at least one ONLINE and one DECODER token (the reference needs both)
-    masks["sentinel2_l2a"][:, 0, 0, 0, 0] = MaskValue.ONLINE_ENCODER
-    masks["worldcover"][:, 0, 0, 0, 0] = MaskValue.DECODER
-    data["sentinel2_l2a"][:, 0, 0, 0, :] = 0.5
-    data["worldcover"][:, 0, 0, 0, :] = 0.5
-    # ragged ONLINE counts across samples: exercises the reference's eval padding quirk
-    masks["sentinel1"][0] = torch.where(masks["sentinel1"][0] == MaskValue.ONLINE_ENCODER,
-                                        torch.full_like(masks["sentinel1"][0], MaskValue.TARGET_ENCODER_ONLY),
-                                        masks["sentinel1"][0])
-    days = torch.randint(1, 28, (b, t, 1), generator=g)
-    months = torch.randint(0, 12, (b, t, 1), generator=g)
-    years = torch.full((b, t, 1), 2021)
-    timestamps = torch.cat([days, months, years], -1)
-    return data, masks, timestamps
 
 
 def _assert_close(ours, ref, what):
@@ -100,7 +63,7 @@ def test_model_matches_reference(tok_name, p, hw, t, mode):
     ref = _ref_model(tok, drop).train(mode == "train")
     ours = _our_model(tok, drop).train(mode == "train")
     import_reference_state_dict(ours, ref.state_dict())
-    data, masks, timestamps = _batch(tok, p, hw, t)
+    data, masks, timestamps = random_masked_batch(tok, MODS, p, hw, t, b=3)
 
     sample = MaskedOlmoEarthSample(timestamps=timestamps, **data, **{f"{m}_mask": masks[m] for m in MODS})
     with torch.no_grad():
