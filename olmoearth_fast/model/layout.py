@@ -110,8 +110,3 @@ class TokenLayout:
             mk = pixel_masks[s.modality]
             per[s.modality] = mk[:, ::p, ::p] if MODALITIES[s.modality].is_spatial else mk
         return self.flatten(per).long()
-
-    def segment_ids(self, device=None) -> Tensor:
-        """[N] index of each token's modality segment."""
-        return torch.repeat_interleave(torch.arange(len(self.segments), device=device),
-                                       torch.tensor([s.numel for s in self.segments], device=device))
