@@ -125,17 +125,19 @@ def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization:
     t_on, t_dec = float(online.sum()), float(dec.sum())
     w.tokens.update(encoder_tokens=t_on, decoder_queries=t_dec, positions=float(views * b * n))
     f = 1.0 + bwd
+    # attention score counts: packed Σ len², padded Σ B·L² (L: the view's longest sample)
+    l_on, l_dec = online.max(-1).values, dec.max(-1).values  # [V] the reference's pad lengths
+    enc_scores, ref_enc_scores = float((online ** 2).sum()), float((b * l_on ** 2).sum())
+    dec_scores, ref_dec_scores = float((online * dec).sum()), float((b * l_on * l_dec).sum())
     # --- encoder
     enc_lin = depth * _block_linear(t_on, d, mlp) + 2.0 * views * b * d * d  # + pooled projection
-    enc_attn = depth * 4.0 * float((online ** 2).sum()) * d
-    l_on = online.max(-1).values  # [V] longest ONLINE count per view (the reference's pad length)
+    enc_attn = depth * 4.0 * enc_scores * d
     ref_on = float((b * l_on).sum())
     ref_enc_lin = depth * _block_linear(ref_on, d, mlp) + 2.0 * views * b * d * d
-    ref_enc_attn = depth * 4.0 * float((b * l_on ** 2).sum()) * d
+    ref_enc_attn = depth * 4.0 * ref_enc_scores * d
     w.ours["encoder_linear"], w.ref["encoder_linear"] = enc_lin * f, ref_enc_lin * f
     w.ours["encoder_attention"], w.ref["encoder_attention"] = enc_attn * f, ref_enc_attn * f
     # --- decoder: context = Linear(LN(encoder tokens)); queries at DECODER positions
-    l_dec = dec.max(-1).values
     ref_q = float((b * l_dec).sum())
     q_lin = ddepth * 2.0 * dd * dd * (2 + 2 * mlp)  # per query: q, proj, fc1, fc2
     kv_lin = ddepth * 2.0 * dd * dd * 2  # per context token: k, v
@@ -143,12 +145,11 @@ def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization:
     # reference: input projection and output head on every position, k/v on B·Lk, q on B·Lq
     ref_dec = views * b * n * (2.0 * d * dd + 2.0 * dd * d) + ref_on * kv_lin + ref_q * q_lin
     w.ours["decoder_linear"], w.ref["decoder_linear"] = ours_dec * f, ref_dec * f
-    w.ours["decoder_attention"] = ddepth * 4.0 * float((online * dec).sum()) * dd * f
-    w.ref["decoder_attention"] = ddepth * 4.0 * float((b * l_on * l_dec).sum()) * dd * f
+    w.ours["decoder_attention"] = ddepth * 4.0 * dec_scores * dd * f
+    w.ref["decoder_attention"] = ddepth * 4.0 * ref_dec_scores * dd * f
     w.tokens.update(ref_encoder_tokens=ref_on, ref_decoder_queries=ref_q, embed_rows=embed_rows, pixels=pixels,
-                    enc_scores=float((online ** 2).sum()), dec_scores=float((online * dec).sum()),
-                    ref_enc_scores=float((b * l_on ** 2).sum()), ref_dec_scores=float((b * l_on * l_dec).sum()),
-                    resized_pixels=resized, microbatches=1.0, views=float(views))
+                    enc_scores=enc_scores, dec_scores=dec_scores, ref_enc_scores=ref_enc_scores,
+                    ref_dec_scores=ref_dec_scores, resized_pixels=resized, microbatches=1.0, views=float(views))
     # --- loss: scores p̂·ĝ (forward, and the prediction gradient), target self-similarity where
     # same-target negatives are masked; per (view, sample, modality) c decoded tokens
     loss, ref_loss, pairs, ref_pairs = 0.0, 0.0, 0.0, 0.0
@@ -156,10 +157,11 @@ def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization:
         c = (codes[:, :, s.slice] == DECODER).sum(-1).double()  # [V, B]
         masked = mask_neg is None or s.modality in mask_neg
         per_pair = 2.0 * d * ((1 + bwd / 2) + (1 if masked else 0))
-        pairs += float((c ** 2).sum())
-        ref_pairs += views * b * float(s.numel) ** 2
-        loss += float((c ** 2).sum()) * per_pair
-        ref_loss += views * b * float(s.numel) ** 2 * per_pair
+        seg_pairs, seg_ref_pairs = float((c ** 2).sum()), views * b * float(s.numel) ** 2
+        pairs += seg_pairs
+        ref_pairs += seg_ref_pairs
+        loss += seg_pairs * per_pair
+        ref_loss += seg_ref_pairs * per_pair
     w.ours["loss"], w.ref["loss"] = loss, ref_loss
     w.tokens.update(loss_pairs=pairs, ref_loss_pairs=ref_pairs)
     w.ours["infonce"] = w.ref["infonce"] = 2.0 * b * b * d * f if views == 2 else 0.0
