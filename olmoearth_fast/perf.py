@@ -38,6 +38,7 @@ from torch import Tensor
 
 from olmoearth_fast.modalities import MODALITIES, MaskValue, TokenizationConfig, as_tokenization
 from olmoearth_fast.model.layout import TokenLayout
+from olmoearth_fast.ops.patch_embed import embeds_only_rows
 
 ONLINE, DECODER = int(MaskValue.ONLINE_ENCODER), int(MaskValue.DECODER)
 BASE_PATCH = 8  # the patch projection is an 8×8 kernel on the image resized by 8/p
@@ -97,8 +98,13 @@ def _block_linear(tokens: float, dim: int, mlp: float) -> float:
 
 
 def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization: TokenizationConfig,
-                    mask_neg: tuple[str, ...] | None, band_dropout: bool, training: bool) -> Work:
-    """Work of one microbatch from its layout and token codes ``[V, B, N]`` (host tensors)."""
+                    mask_neg: tuple[str, ...] | None, band_dropout: bool, training: bool,
+                    embed_only_rows: bool = True) -> Work:
+    """Work of one microbatch from its layout and token codes ``[V, B, N]`` (host tensors).
+
+    ``embed_only_rows``: ours patch-embeds only the ONLINE tokens and the target at the DECODER
+    positions (`ops.patch_embed.embeds_only_rows`: eager CPU), or every position (the fused GPU
+    kernel)."""
     d, depth, _, dd, ddepth, _, mlp = model_dims(model_cfg)
     views, b, n = codes.shape
     bwd = 2.0 if training else 0.0  # backward = 2× forward for matmuls that need input and weight grads
@@ -116,8 +122,17 @@ def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization:
             embed_rows += b * per_pos
             pixels += b * per_pos * chans * (layout.patch_size ** 2 if k > 1 else 1)
             resized += b * per_pos * chans * k  # the image resized by 8/p: 8×8 pixels per patch
-    online_views = views if band_dropout else 1  # without dropout the views share one embedding
-    w.ours["patch_embed"] = embed * online_views * (1 + bwd / 2) + embed  # + target once
+    if embed_only_rows:  # per bandset: its ONLINE tokens of every view, the target at its DECODER ones
+        w.ours["patch_embed"] = 0.0
+        for s in layout.segments:
+            k = BASE_PATCH * BASE_PATCH if MODALITIES[s.modality].is_spatial else 1
+            per_bs = codes[:, :, s.slice].reshape(-1, s.bs)
+            on, de = (per_bs == ONLINE).sum(0).double(), (per_bs == DECODER).sum(0).double()
+            for i, chans in enumerate(tokenization.bands_per_bandset(s.modality)):
+                w.ours["patch_embed"] += 2.0 * chans * k * d * (float(on[i]) * (1 + bwd / 2) + float(de[i]))
+    else:
+        online_views = views if band_dropout else 1  # without dropout the views share one embedding
+        w.ours["patch_embed"] = embed * online_views * (1 + bwd / 2) + embed  # + target once
     w.ref["patch_embed"] = embed * views * (1 + bwd / 2) + embed * views  # + target per view
 
     online = (codes == ONLINE).sum(-1).double()  # [V, B]
@@ -180,30 +195,34 @@ def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization:
     return w
 
 
-def step_work(batch, cfg, training: bool = True) -> Work:
+def step_work(batch, cfg, training: bool = True, device_type: str = "cpu") -> Work:
     """FLOPs of one training step of ``batch`` (a `MaskedViews` rank batch) under ``cfg`` (a
-    RunConfig): its microbatches as the trainer splits them, forward and backward, plus the
-    optimizer's elementwise work. Host-side arithmetic on the masks only (no model run)."""
+    RunConfig) on a ``device_type`` device: its microbatches as the trainer splits them, forward
+    and backward, plus the optimizer's elementwise work. Host-side arithmetic on the masks only
+    (no model run)."""
     tok = as_tokenization(cfg.data.tokenization)
     parts = []
     for mb in batch.microbatches(cfg.data.rank_microbatch_size):
         layout = TokenLayout.build(mb.data, mb.patch_size, tok, cfg.model.modalities)
         parts.append((layout, torch.stack([layout.token_masks(m) for m in mb.masks])))
-    return _sum_work(parts, cfg, tok, training)
+    return _sum_work(parts, cfg, tok, training, device_type)
 
 
-def plan_work(plans, cfg, training: bool = True) -> Work:
+def plan_work(plans, cfg, training: bool = True, device_type: str = "cpu") -> Work:
     """`step_work` from the trainer's host plans (`model/plan.py`) of the step's microbatches."""
     parts = [(p.layout, p.masks.view(p.num_views, -1, p.masks.shape[-1])) for p in plans]
-    return _sum_work(parts, cfg, as_tokenization(cfg.data.tokenization), training)
+    return _sum_work(parts, cfg, as_tokenization(cfg.data.tokenization), training, device_type)
 
 
-def _sum_work(parts, cfg, tok: TokenizationConfig, training: bool) -> Work:
+def _sum_work(parts, cfg, tok: TokenizationConfig, training: bool, device_type: str) -> Work:
     mc = cfg.model
     dropout = training and mc.band_dropout_rate > 0
+    # the bandset-merge models embed every position (`LatentMIM.forward`)
+    only_rows = embeds_only_rows(device_type) and not mc.merge_bandsets
     total = Work()
     for layout, codes in parts:
-        total.add(microbatch_work(layout, codes, mc, tok, cfg.loss.mask_negatives_for_modalities, dropout, training))
+        total.add(microbatch_work(layout, codes, mc, tok, cfg.loss.mask_negatives_for_modalities, dropout, training,
+                                  only_rows))
     if training:
         total.elementwise["optimizer"] = 12.0 * num_parameters(mc, tok)  # AdamW: ~12 ops per weight
     return total

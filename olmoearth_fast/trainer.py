@@ -30,7 +30,6 @@ from olmoearth_fast.config import RunConfig, dumps
 from olmoearth_fast.data.collate import MaskedViews
 from olmoearth_fast.losses import info_nce
 from olmoearth_fast.modalities import LOSS_FIELD_ORDER
-from olmoearth_fast.model.decoder import gather_targets
 from olmoearth_fast.model.latent_mim import LatentMIM, build_model  # noqa: F401  (build_model: part of this API)
 from olmoearth_fast.model.plan import MicrobatchPlan
 from olmoearth_fast.ops.masked_neg_loss import masked_neg_loss
@@ -76,8 +75,7 @@ def microbatch_loss(model: LatentMIM, mb: MaskedViews, cfg: RunConfig, autocast:
     m = len(layout.modalities)
     seg_offsets, seg_modality, seg_mask_neg = plan.loss
     # DECODER tokens are packed sample-major, modality-major within a sample: segments (v·b, m)
-    targets = gather_targets(out.target, out.decoded.index, b)
-    per = masked_neg_loss(out.decoded.tokens, targets, seg_offsets, seg_modality, seg_mask_neg, views * m,
+    per = masked_neg_loss(out.decoded.tokens, out.target, seg_offsets, seg_modality, seg_mask_neg, views * m,
                           tau=cfg.loss.tau, same_target_threshold=cfg.loss.same_target_threshold).view(views, m)
     patch_disc = cfg.loss.weight * per.sum(1).mean()  # Σ over modalities, mean over views
     infonce = (info_nce(out.pooled[:b], out.pooled[b:2 * b], tau=cfg.loss.infonce_tau, weight=cfg.loss.infonce_weight)
@@ -195,7 +193,7 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         staged, plans = self._stage(batch)
-        work = perf.plan_work(plans, self.cfg)  # host arithmetic while the device works
+        work = perf.plan_work(plans, self.cfg, device_type=self.device.type)  # host arithmetic while the device works
         n = len(staged)
         rng = _torch_rng_state()
         stats = torch.stack(self._accumulate(staged, n))  # [n, 3 + M]

@@ -92,7 +92,7 @@ def main() -> None:
             "logging.wandb=False", "trainer.max_steps=1000"])
         loader = build_loader(cfg, 0, 1, f"{tmp}/run")
         batches = [loader.make_batch(1, i) for i in range(2)]
-        work = perf.step_work(batches[0], cfg)
+        work = perf.step_work(batches[0], cfg, device_type=device.type)
         torch.manual_seed(cfg.trainer.init_seed)
         init = reference_model(cfg, "feb")
         ours_model = build_model(cfg, torch.device("cpu"))

@@ -4,10 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from olmoearth_fast.modalities import MaskValue, tokenization_preset
+from olmoearth_fast.modalities import MODALITIES, MaskValue, tokenization_preset
 from olmoearth_fast.model.attention import Attention, Segments, drop_path
 from olmoearth_fast.model.bandset_merge import BandsetMerge, BandsetUnmerge, merged_mask
+from olmoearth_fast.model.decoder import gather_targets
 from olmoearth_fast.model.latent_mim import MODEL_SIZES, LatentMIM, ModelConfig
+from olmoearth_fast.model.plan import PackPlan
 
 MODS = ("sentinel2_l2a", "sentinel1", "landsat", "worldcover")
 
@@ -145,8 +147,8 @@ def test_band_dropout_only_online_and_training():
 
 
 def test_forward_with_target_equals_target():
-    """The target computed in the forward's patch-embedding pass (shared resize on CPU) is the
-    frozen projection `target()` computes, and it takes no gradient."""
+    """The target computed in the forward's patch-embedding pass (at the decoded positions only)
+    is the frozen projection `target()` computes there, and it takes no gradient."""
     tok = tokenization_preset("single_bandset")
     model = LatentMIM(ModelConfig(dims=(32, 1, 2, 32, 1, 2, 2.0), modalities=MODS, band_dropout_rate=0.5), tok)
     data, masks, ts = _batch(tok)
@@ -157,9 +159,47 @@ def test_forward_with_target_equals_target():
     model.train()
     codes = torch.cat([layout.token_masks(masks)] * 2)
     out = model(data, ts, codes, layout, with_target=True)
-    assert torch.equal(out.target, model.target(data, layout))
+    want = gather_targets(model.target(data, layout), out.decoded.index, layout.batch)
+    assert out.target.shape == out.decoded.tokens.shape
+    torch.testing.assert_close(out.target, want, rtol=1e-5, atol=1e-5)
     assert not out.target.requires_grad
     assert model(data, ts, codes, layout).target is None
+
+
+@pytest.mark.parametrize("preset,p", [("single_bandset", 2), ("single_bandset", 8), ("default", 4)])
+def test_packed_patch_embedding_equals_full_at_its_positions(preset, p):
+    """`MultiModalPatchEmbeddings.packed` (only the tokens a step reads) equals the embedding of
+    every position packed afterwards: the same band-dropout draws, values, weight gradients;
+    the target rows equal the full target at the DECODER positions. Spatial and time-only
+    (era5_10) modalities, one and several bandsets."""
+    tok = tokenization_preset(preset)
+    mods = MODS + ("era5_10",)
+    model = LatentMIM(ModelConfig(dims=(32, 1, 2, 32, 1, 2, 2.0), modalities=mods, band_dropout_rate=0.5,
+                                  random_band_dropout=True), tok)
+    data, masks, ts = _batch(tok, p=p)
+    data["era5_10"] = torch.randn(2, 2, MODALITIES["era5_10"].num_bands)
+    masks["era5_10"] = torch.randint(0, 3, (2, 2, tok.num_bandsets("era5_10")))
+    layout = model.layout(data, p)
+    masks_b = {m: v.flip(0) for m, v in masks.items()}  # a second view
+    codes = torch.cat([layout.token_masks(masks), layout.token_masks(masks_b)])
+    online = PackPlan.build(codes == MaskValue.ONLINE_ENCODER, layout)
+    decoder = PackPlan.build(codes == MaskValue.DECODER, layout)
+    model.train()
+    torch.manual_seed(3)
+    full, full_target = model.patch_embeddings(data, p, num_views=2, target=model.target_patch_embeddings)
+    want = layout.flatten(full).flatten(0, 1)[online.index]
+    want_target = gather_targets(layout.flatten(full_target), decoder.index, layout.batch)
+    torch.manual_seed(3)
+    got, got_target = model.patch_embeddings.packed(data, p, online.rows, 2, model.target_patch_embeddings,
+                                                    decoder.rows)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_target, want_target, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(got)
+    params = list(model.patch_embeddings.parameters())
+    grads_want = torch.autograd.grad(want, params, g, allow_unused=True)
+    grads_got = torch.autograd.grad(got, params, g, allow_unused=True)
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_two_views_one_pass_matches_separate_passes():

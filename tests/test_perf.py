@@ -30,7 +30,13 @@ def _tiny_case(dropout: float) -> tuple[MaskedViews, RunConfig]:
     return MaskedViews(data, torch.zeros(2, 1, 3, dtype=torch.long), masks, patch_size=1, hw_p=2), cfg
 
 
-def test_hand_counts_small_case():
+@pytest.fixture
+def embed_every_token(monkeypatch):
+    """The work model as on a GPU with the fused patch-embed kernel (every position embedded)."""
+    monkeypatch.setattr(perf, "embeds_only_rows", lambda device_type: False)
+
+
+def test_hand_counts_small_case(embed_every_token):
     batch, cfg = _tiny_case(dropout=0.3)
     w = perf.step_work(batch, cfg)
     # D = 8, depth 1, MLP ratio 2: a block's Linears cost 2·D²·(4 + 2·2) = 1024 FLOPs per token;
@@ -61,12 +67,23 @@ def test_hand_counts_small_case():
     assert w.elementwise["optimizer"] > 0
 
 
-def test_without_dropout_views_share_the_embedding():
+def test_without_dropout_views_share_the_embedding(embed_every_token):
     batch, cfg = _tiny_case(dropout=0.0)
     embed = 2 * 2 * 4 * 12 * 64 * 8
     w = perf.step_work(batch, cfg)
     assert w.ours["patch_embed"] == embed * (2 + 1)
     assert perf.step_work(batch, cfg, training=False).ours["patch_embed"] == embed * 2  # no backward
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_cpu_embeds_only_the_tokens_the_step_reads(dropout):
+    """On CPU ours embeds the 8 ONLINE tokens of both views (forward + dW) and the target at the
+    7 DECODER positions: 2·C·64·D = 12,288 FLOPs a token, dropout or not."""
+    batch, cfg = _tiny_case(dropout=dropout)
+    assert perf.embeds_only_rows("cpu")
+    assert perf.step_work(batch, cfg).ours["patch_embed"] == 12288 * (8 * 2 + 7)
+    assert perf.step_work(batch, cfg, training=False).ours["patch_embed"] == 12288 * (8 + 7)
+    assert perf.step_work(batch, cfg).ref["patch_embed"] == 2 * 4 * 12288 * (2 * 2 + 2)  # every position
 
 
 def test_masked_modality_adds_the_target_similarity():
@@ -156,8 +173,9 @@ def test_ours_agrees_with_the_flop_counter(size, batch, tmp_path, demo_dataset):
                       log=lambda *a: None)
     seen = _counted(lambda: trainer.train_step(b))
     w = perf.step_work(b, cfg)
-    assert seen["conv"] == pytest.approx(w.ours["patch_embed"], rel=0.05)
-    linear = w.ours["encoder_linear"] + w.ours["decoder_linear"] + w.ours["infonce"]
+    # on CPU the patch projection is a Linear on the gathered patches of the tokens it embeds
+    assert seen["conv"] == 0
+    linear = w.ours["patch_embed"] + w.ours["encoder_linear"] + w.ours["decoder_linear"] + w.ours["infonce"]
     assert seen["linear"] == pytest.approx(linear, rel=0.05)
     attention = w.ours["encoder_attention"] + w.ours["decoder_attention"]
     assert seen["attention"] == pytest.approx(attention, rel=0.05)

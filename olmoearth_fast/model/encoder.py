@@ -120,12 +120,20 @@ class Encoder(nn.Module):
             x = gather_rows(x, unpad_index)
         return x
 
-    def forward(self, patch_tokens: dict[str, Tensor], mask: Tensor, layout: TokenLayout, timestamps: Tensor,
-                patch_size: int, plan: PackPlan | None = None) -> tuple[Packed, Tensor]:
-        """patch_tokens {m: [B, *grid, BS, D]}, mask [B, N] codes → (packed ONLINE tokens, pooled [B, D]).
+    def forward(self, patch_tokens: dict[str, Tensor] | Tensor, mask: Tensor, layout: TokenLayout,
+                timestamps: Tensor, patch_size: int, plan: PackPlan | None = None) -> tuple[Packed, Tensor]:
+        """patch tokens, mask [B, N] codes → (packed ONLINE tokens, pooled [B, D]).
 
+        ``patch_tokens``: {m: [B, *grid, BS, D]} of every position, or ``[total, D]`` of the ONLINE
+        positions only, packed as ``plan`` says (`MultiModalPatchEmbeddings.packed`).
         ``plan``: the packing of ``mask == ONLINE`` made on the host (`model/plan.py`); not used
         with bandset merge, which packs the merged tokens here."""
+        if isinstance(patch_tokens, Tensor):
+            if plan is None or len(self.bandset_merge):
+                raise ValueError("Encoder: packed patch tokens need the plan of their positions (and no bandset merge)")
+            x, index, seg = patch_tokens, plan.index, plan.seg
+            x = x + self.composite_encodings(layout, timestamps, patch_size, positions=index)
+            return self._finish(self._blocks(x, seg, self.blocks), index, seg, layout, mask)
         full = layout.flatten(patch_tokens)
         merge_now = len(self.bandset_merge) > 0 and self.merge_after_layer == -1
         if merge_now:
@@ -145,8 +153,11 @@ class Encoder(nn.Module):
             x = self._blocks(x, seg, self.blocks[k:])
         else:
             x = self._blocks(x, seg, self.blocks)
-        x = self.norm(x)
-        out = Packed(x, index, seg, layout, mask)
+        return self._finish(x, index, seg, layout, mask)
+
+    def _finish(self, x: Tensor, index: Tensor, seg: Segments, layout: TokenLayout,
+                mask: Tensor) -> tuple[Packed, Tensor]:
+        out = Packed(self.norm(x), index, seg, layout, mask)
         return out, self.pool(out)
 
     def pool(self, out: Packed) -> Tensor:

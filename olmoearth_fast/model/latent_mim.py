@@ -16,11 +16,11 @@ from torch import Tensor, nn
 
 from olmoearth_fast.config import ModelConfig
 from olmoearth_fast.modalities import MISSING_VALUE, MaskValue, TokenizationConfig, as_tokenization, check_modalities
-from olmoearth_fast.model.decoder import Decoder
+from olmoearth_fast.model.decoder import Decoder, gather_targets
 from olmoearth_fast.model.encoder import Encoder, Packed
 from olmoearth_fast.model.layout import TokenLayout
 from olmoearth_fast.model.patch_embed import MultiModalPatchEmbeddings
-from olmoearth_fast.model.plan import MicrobatchPlan, plan_microbatch
+from olmoearth_fast.model.plan import MicrobatchPlan, PackPlan, plan_microbatch
 
 # The reference's MODEL_SIZE_ARGS (internal/utils.py; FEB ⊂ HEAD):
 # (encoder D, encoder depth, encoder heads, decoder D, decoder depth, decoder heads, mlp_ratio)
@@ -50,7 +50,7 @@ class ViewOutput:
     encoded: Packed  # ONLINE tokens after the encoder's final LayerNorm
     pooled: Tensor  # [B, D] pooled projection (InfoNCE input)
     decoded: Packed  # predictions at DECODER positions
-    target: Tensor | None = None  # [B, N, D] frozen projection (forward(..., with_target=True))
+    target: Tensor | None = None  # [decoded, D] frozen projection at the decoded positions (with_target=True)
 
 
 class LatentMIM(nn.Module):
@@ -110,27 +110,37 @@ class LatentMIM(nn.Module):
 
         ``data`` ({m: [B, ...]}) and ``timestamps`` [B, T, 3] are shared by the views;
         ``masks`` [V·B, N] holds the token codes of the views stacked along the batch.
-        ``with_target`` also returns `target(data, layout)`, computed in the same patch
-        embedding pass (on CPU the views and the target share each bandset's resized image).
-        ``plan`` (`model/plan.py`, made on the host from the same masks) supplies the packings, so
-        that the device never reads a size back.
+        ``with_target`` also returns the frozen projection at the decoded positions (rows of
+        `target(data, layout)`, aligned with ``decoded.tokens``), computed in the same patch
+        embedding pass. ``plan`` (`model/plan.py`, made on the host from the same masks)
+        supplies the packings, so that the device never reads a size back; without it they are
+        made here from ``masks``.
+
+        Only the tokens a step reads are patch-embedded (`MultiModalPatchEmbeddings.packed`):
+        the ONLINE ones, and the target at the DECODER positions. The bandset-merge models
+        embed every position (their merge reads whole bandset groups).
         """
         p = layout.patch_size
         b = timestamps.shape[0]
         if masks.shape[0] % b:
             raise ValueError(f"masks has {masks.shape[0]} rows, not a multiple of the batch size {b}")
         views = masks.shape[0] // b
-        target = None
-        if with_target:
-            tokens, target_tokens = self.patch_embeddings(data, p, num_views=views,
-                                                          target=self.target_patch_embeddings)
-            target = layout.flatten(target_tokens).detach()
+        timestamps_v = timestamps.repeat(views, 1, 1) if views > 1 else timestamps
+        target_module = self.target_patch_embeddings if with_target else None
+        dec_plan = plan.decoder if plan is not None else PackPlan.build(masks == MaskValue.DECODER, layout)
+        if len(self.encoder.bandset_merge) == 0:
+            online = plan.online if plan is not None else PackPlan.build(masks == MaskValue.ONLINE_ENCODER, layout)
+            tokens = self.patch_embeddings.packed(data, p, online.rows, views, target_module, dec_plan.rows)
+            tokens, target = tokens if with_target else (tokens, None)
+            encoded, pooled = self.encoder(tokens, masks, layout, timestamps_v, p, online)
         else:
-            tokens = self.patch_embeddings(data, p, num_views=views)
-        timestamps = timestamps.repeat(views, 1, 1) if views > 1 else timestamps
-        encoded, pooled = self.encoder(tokens, masks, layout, timestamps, p, None if plan is None else plan.online)
-        decoded = self.decoder(encoded, layout, masks, timestamps, p, None if plan is None else plan.decoder)
-        return ViewOutput(encoded, pooled, decoded, target)
+            tokens = self.patch_embeddings(data, p, num_views=views, target=target_module)
+            tokens, target = tokens if with_target else (tokens, None)
+            if with_target:
+                target = gather_targets(layout.flatten(target), dec_plan.index, b)
+            encoded, pooled = self.encoder(tokens, masks, layout, timestamps_v, p)
+        decoded = self.decoder(encoded, layout, masks, timestamps_v, p, dec_plan)
+        return ViewOutput(encoded, pooled, decoded, None if target is None else target.detach())
 
     def encode(self, data: dict[str, Tensor], timestamps: Tensor, patch_size: int,
                masks: Tensor | None = None) -> tuple[Packed, Tensor]:

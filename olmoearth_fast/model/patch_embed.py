@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from olmoearth_fast.modalities import MODALITIES, TokenizationConfig
 from olmoearth_fast.ops.band_dropout import band_dropout_keep
-from olmoearth_fast.ops.patch_embed import patch_embed, patch_embed_multi
+from olmoearth_fast.ops.packing import gather_rows
+from olmoearth_fast.ops.patch_embed import patch_embed, patch_embed_multi, patch_embed_rows
 
 BASE_PATCH = 8  # the conv kernel is 8×8 at 10 m for every modality used here
 
@@ -117,3 +118,54 @@ class MultiModalPatchEmbeddings(nn.Module):
             if target is not None:
                 out_target[m] = torch.stack(target_tokens, dim=-2)
         return out if target is None else (out, out_target)
+
+    def packed(self, data: dict[str, Tensor], patch_size: int, rows, num_views: int = 1,
+               target: MultiModalPatchEmbeddings | None = None, target_rows=None):
+        """The tokens at packed positions only: ``[total, D]`` in the order of ``rows``
+        (`model.plan.EmbedRows` of e.g. the ONLINE positions of V stacked views), and with
+        ``target`` the frozen projection at ``target_rows``' positions (e.g. the DECODER ones).
+
+        Computes what `forward` computes at those positions (`ops.patch_embed.patch_embed_rows`;
+        on CPU only those tokens are embedded), drawing the same band-dropout keeps in the same
+        order, so the RNG stream is `forward`'s.
+        """
+        outs: dict[tuple[str, int], Tensor] = {}
+        target_outs: dict[tuple[str, int], Tensor] = {}
+        for m in self.modalities:
+            if m not in data:
+                continue
+            x = data[m]
+            if x.is_cuda and torch.is_autocast_enabled("cuda"):
+                x = x.to(torch.get_autocast_dtype("cuda"))  # as in `forward`
+            spatial = MODALITIES[m].is_spatial
+            for k, (name, embed) in enumerate(self.per_modality_embeddings[m].items()):
+                idx = getattr(self, f"bands__{name}")
+                keeps = [self._keep(m, x.shape[0], idx.numel(), x.device) for _ in range(num_views)]
+                keeps = None if keeps[0] is None else keeps
+                r, view = rows.parts[(m, k)]
+                t_embed = None if target is None else target.per_modality_embeddings[m][name]
+                if spatial:
+                    projections = [(embed.proj.weight, embed.proj.bias, keeps, r, view)]
+                    if t_embed is not None:
+                        projections.append((t_embed.proj.weight, t_embed.proj.bias, None, *target_rows.parts[(m, k)]))
+                    ys = patch_embed_rows(x, projections, patch_size, idx)
+                else:
+                    ys = [_time_rows(embed, x, idx, keeps, r, view)]
+                    if t_embed is not None:
+                        ys.append(_time_rows(t_embed, x, idx, None, *target_rows.parts[(m, k)]))
+                outs[(m, k)] = ys[0]
+                if t_embed is not None:
+                    target_outs[(m, k)] = ys[1]
+        tokens = gather_rows(torch.cat([outs[key] for key in rows.parts]), rows.order)
+        if target is None:
+            return tokens
+        return tokens, gather_rows(torch.cat([target_outs[key] for key in target_rows.parts]), target_rows.order)
+
+
+def _time_rows(embed: nn.Linear, x: Tensor, idx: Tensor, keeps: list[Tensor] | None, rows: Tensor,
+               view: Tensor) -> Tensor:
+    """A time-only bandset's Linear at token rows ``b·T + t`` of ``x [B, T, C_all]``."""
+    xb = x.flatten(0, 1).index_select(0, rows).index_select(-1, idx)
+    if keeps is not None:
+        xb = xb * torch.stack(keeps)[view, rows // x.shape[1]].to(xb.dtype)
+    return embed(xb)

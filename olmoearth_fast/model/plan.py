@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from olmoearth_fast.modalities import MaskValue
+from olmoearth_fast.modalities import MODALITIES, MaskValue
 from olmoearth_fast.model.attention import Segments
 from olmoearth_fast.model.layout import TokenLayout
 from olmoearth_fast.ops.packing import varlen_index
@@ -30,26 +30,79 @@ ONLINE, DECODER = int(MaskValue.ONLINE_ENCODER), int(MaskValue.DECODER)
 
 
 @dataclass
+class EmbedRows:
+    """Which patch-embedding tokens the packed positions of a ``[V·B, N]`` batch read.
+
+    ``parts[(modality, bandset)] = (rows, view)``: the token-grid rows (``((b·T + t)·h + i)·w +
+    j`` for spatial modalities, ``b·T + t`` for time-only ones, b the sample in the un-stacked
+    batch) of the positions of that bandset, in packed order, and the view each belongs to.
+    ``order [total]``: packed slot k is row ``order[k]`` of the parts' outputs concatenated in
+    ``parts``' order. `MultiModalPatchEmbeddings.packed` embeds exactly these tokens.
+    """
+
+    parts: dict[tuple[str, int], tuple[Tensor, Tensor]]
+    order: Tensor
+
+    @classmethod
+    def build(cls, layout: TokenLayout, index: Tensor, batch: int) -> EmbedRows:
+        """From flat positions ``index`` (``vb·N + n`` of a ``[V·B, N]`` stack of ``layout``
+        with ``batch`` samples per view), on ``index``'s device."""
+        n_tok = layout.seqlen
+        vb, n = index // n_tok, index % n_tok
+        b, view = vb % batch, vb // batch
+        parts, picks = {}, []
+        for s in layout.segments:
+            local = n - s.offset
+            in_seg = (local >= 0) & (local < s.numel)
+            bandset = local % s.bs
+            t = (local // s.bs) % s.t
+            if MODALITIES[s.modality].is_spatial:
+                cell = local // (s.bs * s.t)  # i·w + j
+                rows = (b * s.t + t) * (s.h * s.w) + cell
+            else:
+                rows = b * s.t + t
+            for k in range(s.bs):
+                pick = torch.nonzero(in_seg & (bandset == k)).flatten()
+                parts[(s.modality, k)] = (rows[pick], view[pick])
+                picks.append(pick)
+        order = torch.empty_like(index)
+        order[torch.cat(picks)] = torch.arange(index.shape[0], device=index.device)
+        return cls(parts, order)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> EmbedRows:
+        return EmbedRows({k: (r.to(device, non_blocking=non_blocking), v.to(device, non_blocking=non_blocking))
+                          for k, (r, v) in self.parts.items()}, self.order.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> EmbedRows:
+        return EmbedRows({k: (r.pin_memory(), v.pin_memory()) for k, (r, v) in self.parts.items()},
+                         self.order.pin_memory())
+
+
+@dataclass
 class PackPlan:
     """Where the kept tokens of a ``[V·B, N]`` batch go in the packed ``[total, D]`` buffer."""
 
     index: Tensor  # [total] flat positions b*N + n, sample-major
     seg: Segments
+    rows: EmbedRows | None = None  # the patch-embedding tokens they read (`build` with a layout)
 
     @classmethod
-    def build(cls, keep: Tensor) -> PackPlan:
-        """From a host ``keep [B, N]`` (bool): indices, cu_seqlens, lengths read on the host."""
+    def build(cls, keep: Tensor, layout: TokenLayout | None = None) -> PackPlan:
+        """From ``keep [V·B, N]`` (bool): indices, cu_seqlens, lengths (read on the host: free for
+        a host ``keep``, a device sync otherwise) and, given its ``layout``, the `EmbedRows`."""
         index, cu_seqlens, max_seqlen = varlen_index(keep)
-        host = cu_seqlens.tolist()  # host memory: no device involved
+        host = cu_seqlens.tolist()
         seg = Segments.from_cu_seqlens(cu_seqlens, index.shape[0], int(max_seqlen))
         seg._host = host
-        return cls(index, seg)
+        return cls(index, seg, None if layout is None else EmbedRows.build(layout, index, layout.batch))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> PackPlan:
-        return PackPlan(self.index.to(device, non_blocking=non_blocking), self.seg.to(device, non_blocking))
+        return PackPlan(self.index.to(device, non_blocking=non_blocking), self.seg.to(device, non_blocking),
+                        None if self.rows is None else self.rows.to(device, non_blocking))
 
     def pin_memory(self) -> PackPlan:
-        return PackPlan(self.index.pin_memory(), self.seg.pin_memory())
+        return PackPlan(self.index.pin_memory(), self.seg.pin_memory(),
+                        None if self.rows is None else self.rows.pin_memory())
 
 
 @dataclass
@@ -99,8 +152,8 @@ def plan_microbatch(layout: TokenLayout, view_masks: list[dict[str, Tensor]], me
     if masks.is_cuda:
         raise ValueError("plan_microbatch: masks must be on the host (plan before moving the batch)")
     views = len(view_masks)
-    online = None if merge_bandsets else PackPlan.build(masks == ONLINE)
-    decoder = PackPlan.build(masks == DECODER)
+    online = None if merge_bandsets else PackPlan.build(masks == ONLINE, layout)
+    decoder = PackPlan.build(masks == DECODER, layout)
     mods = layout.modalities
     m = len(mods)
     counts = torch.stack([(masks[:, s.slice] == DECODER).sum(1) for s in layout.segments], 1)  # [V·B, M]

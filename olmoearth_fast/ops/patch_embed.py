@@ -55,10 +55,13 @@ from olmoearth_fast.ops.patch_embed_plan import (
 )
 
 __all__ = [
+    "embeds_only_rows",
     "patch_embed",
     "patch_embed_effective",
     "patch_embed_multi",
     "patch_embed_ref",
+    "patch_embed_rows",
+    "patch_embed_rows_ref",
 ]
 
 IMPLS = ("auto", "ref", "effective", "triton")
@@ -483,3 +486,95 @@ def _multi_ref(x, projections, patch_size, band_index, base):
         D, h, w = y.shape[1:]
         out.append(y.reshape(B, T, D, h, w).permute(0, 3, 4, 1, 2).contiguous())
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Only some tokens: the packed rows a step reads
+# --------------------------------------------------------------------------------------------
+
+
+def embeds_only_rows(device_type: str) -> bool:
+    """Whether `patch_embed_rows` computes only the requested tokens on a ``device_type``
+    device (the eager PyTorch path), or embeds every token and takes the rows (the fused
+    Triton kernel on CUDA); for the work model (`olmoearth_fast.perf`)."""
+    forced = forced_kernels()
+    if forced is not None:
+        return forced == "pytorch"
+    return not (device_type == "cuda" and _have_triton())
+
+
+def _check_rows(x: Tensor, patch_size: int, keeps: list[Tensor] | None, rows: Tensor, view: Tensor | None) -> None:
+    if rows.dim() != 1 or rows.dtype != torch.long:
+        raise ValueError(f"patch_embed_rows: rows must be a 1-D int64 tensor, got {tuple(rows.shape)} {rows.dtype}")
+    if keeps is not None and (view is None or view.shape != rows.shape):
+        raise ValueError("patch_embed_rows: per-view keeps need a view index of the rows' shape, got "
+                         f"{None if view is None else tuple(view.shape)} for rows {tuple(rows.shape)}")
+
+
+def patch_embed_rows_ref(
+    x: Tensor,
+    projections: list[tuple[Tensor, Tensor | None, list[Tensor] | None, Tensor, Tensor | None]],
+    patch_size: int,
+    band_index: Tensor | None = None,
+) -> list[Tensor]:
+    """`patch_embed_rows` as the full embedding of every token, then the rows taken from it."""
+    out = []
+    for weight, bias, keeps, rows, view in projections:
+        _check_rows(x, patch_size, keeps, rows, view)
+        full = [patch_embed(x, weight, bias, patch_size, k, band_index) for k in (keeps or [None])]
+        # [B, h, w, T, D] per view → [V, B·T·h·w, D]: rows index (b, t, i, j) of the grid
+        grid = torch.stack([f.permute(0, 3, 1, 2, 4).flatten(0, 3) for f in full])
+        out.append(grid[0].index_select(0, rows) if keeps is None else grid[view, rows])
+    return out
+
+
+def patch_embed_rows(
+    x: Tensor,
+    projections: list[tuple[Tensor, Tensor | None, list[Tensor] | None, Tensor, Tensor | None]],
+    patch_size: int,
+    band_index: Tensor | None = None,
+) -> list[Tensor]:
+    """Some tokens of a bandset's patch embedding, for several projections (the online views and
+    the frozen target): what `patch_embed` computes, at the given rows only.
+
+    Each projection is ``(weight, bias, keeps, rows, view)``: ``rows [n]`` (int64) index the
+    token grid flattened as ``((b·T + t)·h + i)·w + j``; ``keeps`` is None (no band dropout) or
+    one ``[B, C]`` multiplier per view, and then ``view [n]`` says which view's keep row ``r``
+    uses. Returns one ``[n, D]`` tensor per projection, gradients to weight and bias only.
+
+    On eager CPU only those tokens are computed: the gathered image is resized once for all
+    projections, each row's 8×8×C patch is gathered from it, multiplied by its keep factors
+    (resize(x·keep) = resize(x)·keep, `patch_embed_multi`) and projected by one GEMM; a training
+    step embeds its ONLINE tokens and the target at its DECODER positions, a fifth to a quarter
+    of the positions. Elsewhere (CUDA: the fused kernel embeds every token in one pass;
+    torch.compile) it is `patch_embed_rows_ref`.
+    """
+    if not projections:
+        return []
+    for weight, bias, keeps, rows, view in projections:
+        _check_rows(x, patch_size, keeps, rows, view)
+        for k in keeps or [None]:
+            _check_inputs(x, weight, bias, patch_size, k, band_index)
+    if _resolve_impl("auto", x) != "ref" or torch.compiler.is_compiling():
+        return patch_embed_rows_ref(x, projections, patch_size, band_index)
+    base = projections[0][0].shape[-1]
+    if any(p[0].shape[-1] != base for p in projections):
+        raise ValueError("patch_embed_rows: every weight must have the same kernel size, got "
+                         f"{[tuple(p[0].shape) for p in projections]}")
+    with no_autocast(x.device):  # computes in x.dtype, as patch_embed does
+        B, T = x.shape[0], x.shape[3]
+        img = _gather_drop_resize(x.detach(), patch_size, base, None, band_index)  # [(B T), C, H', W']
+        C, h, w = img.shape[1], img.shape[2] // base, img.shape[3] // base
+        patches = img.view(B * T, C, h, base, w, base)
+        out = []
+        for weight, bias, keeps, rows, view in projections:
+            bt, ij = rows // (h * w), rows % (h * w)
+            # advanced indices on dims 0, 2, 4 with slices between: [n, C, base, base]
+            p = patches[bt, :, ij // w, :, ij % w, :].reshape(rows.shape[0], C, base * base)
+            if keeps is not None:
+                keep = torch.stack([k.detach() for k in keeps]).to(img.dtype)  # [V, B, C]
+                p = p * keep[view, bt // T][:, :, None]
+            y = F.linear(p.reshape(rows.shape[0], C * base * base), weight.to(x.dtype).flatten(1),
+                         None if bias is None else bias.to(x.dtype))
+            out.append(y)
+        return out
