@@ -99,12 +99,14 @@ def _block_linear(tokens: float, dim: int, mlp: float) -> float:
 
 def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization: TokenizationConfig,
                     mask_neg: tuple[str, ...] | None, band_dropout: bool, training: bool,
-                    embed_only_rows: bool = True) -> Work:
+                    embed_only_rows: bool = True, skip_dropped: float = 0.0) -> Work:
     """Work of one microbatch from its layout and token codes ``[V, B, N]`` (host tensors).
 
     ``embed_only_rows``: ours patch-embeds only the ONLINE tokens and the target at the DECODER
     positions (`ops.patch_embed.embeds_only_rows`: eager CPU), or every position (the fused GPU
-    kernel)."""
+    kernel). ``skip_dropped``: the DropPath rate when ours skips the encoder branches a sample
+    drops (`model.attention.Block` with host-drawn DropPath): their work counts in expectation,
+    ``1 − rate`` of it (plus the rare draw where every sample drops a branch, which runs it)."""
     d, depth, _, dd, ddepth, _, mlp = model_dims(model_cfg)
     views, b, n = codes.shape
     bwd = 2.0 if training else 0.0  # backward = 2× forward for matmuls that need input and weight grads
@@ -145,8 +147,9 @@ def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization:
     enc_scores, ref_enc_scores = float((online ** 2).sum()), float((b * l_on ** 2).sum())
     dec_scores, ref_dec_scores = float((online * dec).sum()), float((b * l_on * l_dec).sum())
     # --- encoder
-    enc_lin = depth * _block_linear(t_on, d, mlp) + 2.0 * views * b * d * d  # + pooled projection
-    enc_attn = depth * 4.0 * enc_scores * d
+    kept = 1.0 - skip_dropped + skip_dropped ** (views * b) if skip_dropped > 0 else 1.0
+    enc_lin = kept * depth * _block_linear(t_on, d, mlp) + 2.0 * views * b * d * d  # + pooled projection
+    enc_attn = kept * depth * 4.0 * enc_scores * d
     ref_on = float((b * l_on).sum())
     ref_enc_lin = depth * _block_linear(ref_on, d, mlp) + 2.0 * views * b * d * d
     ref_enc_attn = depth * 4.0 * ref_enc_scores * d
@@ -190,39 +193,41 @@ def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization:
                 merge += views * b * (s.numel // s.bs) * 2.0 * d * s.bs * d  # unmerge Linear
         w.ours["bandset_merge"] = w.ref["bandset_merge"] = merge * f
     # elementwise passes over the activations (memory-bound; reported, not in the totals)
-    w.elementwise["encoder"] = depth * t_on * d * (12 + 8 * mlp) * f
+    w.elementwise["encoder"] = kept * depth * t_on * d * (12 + 8 * mlp) * f
     w.elementwise["decoder"] = ddepth * t_dec * dd * (12 + 8 * mlp) * f
     return w
 
 
-def step_work(batch, cfg, training: bool = True, device_type: str = "cpu") -> Work:
+def step_work(batch, cfg, training: bool = True, device_type: str = "cpu", compiled: bool = False) -> Work:
     """FLOPs of one training step of ``batch`` (a `MaskedViews` rank batch) under ``cfg`` (a
-    RunConfig) on a ``device_type`` device: its microbatches as the trainer splits them, forward
-    and backward, plus the optimizer's elementwise work. Host-side arithmetic on the masks only
-    (no model run)."""
+    RunConfig) on a ``device_type`` device, the blocks ``compiled`` or not: its microbatches as
+    the trainer splits them, forward and backward, plus the optimizer's elementwise work.
+    Host-side arithmetic on the masks only (no model run)."""
     tok = as_tokenization(cfg.data.tokenization)
     parts = []
     for mb in batch.microbatches(cfg.data.rank_microbatch_size):
         layout = TokenLayout.build(mb.data, mb.patch_size, tok, cfg.model.modalities)
         parts.append((layout, torch.stack([layout.token_masks(m) for m in mb.masks])))
-    return _sum_work(parts, cfg, tok, training, device_type)
+    return _sum_work(parts, cfg, tok, training, device_type, compiled)
 
 
-def plan_work(plans, cfg, training: bool = True, device_type: str = "cpu") -> Work:
+def plan_work(plans, cfg, training: bool = True, device_type: str = "cpu", compiled: bool = False) -> Work:
     """`step_work` from the trainer's host plans (`model/plan.py`) of the step's microbatches."""
     parts = [(p.layout, p.masks.view(p.num_views, -1, p.masks.shape[-1])) for p in plans]
-    return _sum_work(parts, cfg, as_tokenization(cfg.data.tokenization), training, device_type)
+    return _sum_work(parts, cfg, as_tokenization(cfg.data.tokenization), training, device_type, compiled)
 
 
-def _sum_work(parts, cfg, tok: TokenizationConfig, training: bool, device_type: str) -> Work:
+def _sum_work(parts, cfg, tok: TokenizationConfig, training: bool, device_type: str, compiled: bool) -> Work:
     mc = cfg.model
     dropout = training and mc.band_dropout_rate > 0
     # the bandset-merge models embed every position (`LatentMIM.forward`)
     only_rows = embeds_only_rows(device_type) and not mc.merge_bandsets
+    # eager training steps of the unmerged models skip dropped encoder branches (`LatentMIM.plan`)
+    skip = mc.drop_path if training and not compiled and not mc.merge_bandsets else 0.0
     total = Work()
     for layout, codes in parts:
         total.add(microbatch_work(layout, codes, mc, tok, cfg.loss.mask_negatives_for_modalities, dropout, training,
-                                  only_rows))
+                                  only_rows, skip))
     if training:
         total.elementwise["optimizer"] = 12.0 * num_parameters(mc, tok)  # AdamW: ~12 ops per weight
     return total

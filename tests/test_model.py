@@ -59,6 +59,41 @@ def test_drop_path_is_per_sample():
     assert torch.equal(drop_path(x, seg, 0.5, training=False), x)
 
 
+@pytest.mark.parametrize("keep", [[1, 0, 1, 0, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 0, 1, 0, 0]])
+def test_host_drawn_drop_path_skips_dropped_samples_with_the_same_result(keep):
+    """A block given host DropPath draws (`BranchDrop`) runs each branch on the kept samples' rows
+    only, and gives what the per-sample multiply gives: values and every parameter's gradient
+    (zero, not None, for a branch no sample keeps). One sample has no tokens."""
+    from olmoearth_fast.model.attention import Block
+    from olmoearth_fast.model.plan import BranchDrop
+
+    torch.manual_seed(0)
+    blk = Block(32, 2, 2.0, drop_path=0.5).train()
+    seg = _segments([5, 0, 7, 3, 4])
+    seg.host()
+    x = torch.randn(19, 32, requires_grad=True)
+    g = torch.randn(19, 32)
+    keep_t = torch.tensor(keep, dtype=torch.bool)
+    skipping = (BranchDrop.from_keep(seg, keep_t, 0.5), BranchDrop.from_keep(seg, ~keep_t, 0.5))
+    multiply = tuple(BranchDrop(d.keep, d.rate) for d in skipping)  # rows None: the multiply path
+    assert (skipping[0].rows is not None) == (0 < sum(keep) < 5)
+    out = {}
+    for name, drops in (("skip", skipping), ("mul", multiply)):
+        y = blk(x, seg, drops=drops)
+        grads = torch.autograd.grad(y, [x, *blk.parameters()], g)
+        out[name] = (y, grads)
+    torch.testing.assert_close(out["skip"][0], out["mul"][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out["skip"][1], out["mul"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the multiply path is the in-forward DropPath given the same draws (attention's, then the MLP's)
+    torch.manual_seed(7)
+    draws = [torch.rand(5) < 0.5 for _ in range(2)]
+    torch.manual_seed(7)
+    want = blk(x, seg)
+    got = blk(x, seg, drops=tuple(BranchDrop.from_keep(seg, k, 0.5) for k in draws))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_merged_mask_rule():
     m = torch.tensor([[0, 2, 3], [2, 1, 3], [3, 3, 3], [1, 2, 1]])
     assert merged_mask(m).flatten().tolist() == [0, 1, 3, 1]

@@ -21,7 +21,7 @@ S2 = "sentinel2_l2a"
 def _tiny_case(dropout: float) -> tuple[MaskedViews, RunConfig]:
     """B=2 samples, two views, S2 only (12 bands, one bandset), p=1, 2×2 pixels, T=1: N=4."""
     cfg = RunConfig()
-    cfg.model = ModelConfig(dims=(8, 1, 2, 8, 1, 2, 2.0), modalities=(S2,), band_dropout_rate=dropout)
+    cfg.model = ModelConfig(dims=(8, 1, 2, 8, 1, 2, 2.0), modalities=(S2,), band_dropout_rate=dropout, drop_path=0.0)
     cfg.data.rank_microbatch_size = 2
     codes = [[[0, 0, 2, 2], [0, 2, 2, 1]],  # view A: ONLINE 2, 1; DECODER 2, 2
              [[2, 0, 0, 0], [0, 0, 2, 2]]]  # view B: ONLINE 3, 2; DECODER 1, 2
@@ -84,6 +84,27 @@ def test_cpu_embeds_only_the_tokens_the_step_reads(dropout):
     assert perf.step_work(batch, cfg).ours["patch_embed"] == 12288 * (8 * 2 + 7)
     assert perf.step_work(batch, cfg, training=False).ours["patch_embed"] == 12288 * (8 + 7)
     assert perf.step_work(batch, cfg).ref["patch_embed"] == 2 * 4 * 12288 * (2 * 2 + 2)  # every position
+
+
+def test_skipped_drop_path_branches_count_in_expectation():
+    """With DropPath rate r ours skips the encoder branches a sample drops: its block work counts
+    (1 − r + r⁴) times (4 samples: 2 views × 2; all four dropping runs the branch); not when
+    compiled, not in eval, never for the reference (it multiplies by 0)."""
+    batch, cfg = _tiny_case(dropout=0.3)
+    full = perf.step_work(batch, cfg)
+    cfg.model.drop_path = 0.1
+    w = perf.step_work(batch, cfg)
+    kept = 0.9 + 0.1 ** 4
+    pooled = 3 * 2 * 4 * 64  # the pooled projection is not in a block
+    assert w.ours["encoder_attention"] == pytest.approx(kept * full.ours["encoder_attention"])
+    assert w.ours["encoder_linear"] == pytest.approx(kept * (full.ours["encoder_linear"] - pooled) + pooled)
+    assert w.ours["decoder_linear"] == full.ours["decoder_linear"]
+    assert w.ref["encoder_linear"] == full.ref["encoder_linear"]
+    assert perf.step_work(batch, cfg, compiled=True).ours["encoder_linear"] == full.ours["encoder_linear"]
+    cfg.model.drop_path = 0.0
+    evaluation = perf.step_work(batch, cfg, training=False).ours["encoder_linear"]
+    cfg.model.drop_path = 0.1
+    assert perf.step_work(batch, cfg, training=False).ours["encoder_linear"] == evaluation
 
 
 def test_masked_modality_adds_the_target_similarity():

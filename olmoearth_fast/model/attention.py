@@ -219,9 +219,34 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x: Tensor, seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None) -> Tensor:
-        x = x + drop_path(self.attn(self.norm1(x), seg, y, y_seg), seg, self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), seg, self.drop_path, self.training)
+    def forward(self, x: Tensor, seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None,
+                drops=None) -> Tensor:
+        """``drops``: this block's (attention, MLP) `model.plan.BranchDrop` draws made on the
+        host (self-attention blocks in training), else DropPath draws here."""
+        if drops is None or not self.training:
+            x = x + drop_path(self.attn(self.norm1(x), seg, y, y_seg), seg, self.drop_path, self.training)
+            return x + drop_path(self.mlp(self.norm2(x)), seg, self.drop_path, self.training)
+        if y is not None:
+            raise ValueError("Block: host-drawn DropPath is for self-attention blocks (no context y)")
+        x = _residual(x, seg, drops[0], lambda xs, sg: self.attn(self.norm1(xs), sg))
+        return _residual(x, seg, drops[1], lambda xs, sg: self.mlp(self.norm2(xs)))
+
+
+def _residual(x: Tensor, seg: Segments, drop, branch) -> Tensor:
+    """``x + DropPath(branch(x))`` with the host-drawn ``drop`` (`model.plan.BranchDrop`).
+
+    Where some samples drop the branch, it runs on the kept samples' rows only and is added back
+    to them: the FLOPs of the dropped samples (a fraction ``rate`` of the branch's work, in
+    expectation) are skipped, values and gradients are the same. Under torch.compile (row
+    counts that change with every draw) and where all or none keep it: the branch on every row,
+    times the per-sample factor, as `drop_path`.
+    """
+    if torch.compiler.is_compiling() or drop.rows is None:
+        scale = drop.keep.to(x.dtype) / (1.0 - drop.rate)
+        return x + branch(x, seg) * scale[seg.sample_ids, None]
+    # the kept samples' factor, 1/(1 − rate) in x's dtype as `drop_path` computes it
+    scale = torch.ones((), dtype=x.dtype, device=x.device) / (1.0 - drop.rate)
+    return x.index_add(0, drop.rows, branch(gather_rows(x, drop.rows), drop.seg) * scale)
 
 
 def init_linear_xavier(module: nn.Module) -> None:

@@ -102,7 +102,7 @@ class Encoder(nn.Module):
         new_layout = merged_layout(layout, tuple(m for m in self.bandset_merge if m in per_tok))
         return new_layout.flatten(per_tok), new_layout, new_layout.flatten(per_mask)
 
-    def _blocks(self, x: Tensor, seg: Segments, blocks) -> Tensor:
+    def _blocks(self, x: Tensor, seg: Segments, blocks, drops: list | None = None) -> Tensor:
         ragged = not self.training and self.eval_attend_padding
         if ragged:
             # reference eval quirk: padded rows (zeros) are real rows that every block updates
@@ -113,19 +113,21 @@ class Encoder(nn.Module):
             seg_run = Segments.from_cu_seqlens(cu, b * length, length)
         else:
             seg_run = seg
-        for blk in blocks:
-            x = blk(x, seg_run)
+        for i, blk in enumerate(blocks):
+            x = blk(x, seg_run, drops=None if drops is None else drops[i])
         if ragged:
             # the final norm is per token, so it commutes with dropping the padding rows
             x = gather_rows(x, unpad_index)
         return x
 
     def forward(self, patch_tokens: dict[str, Tensor] | Tensor, mask: Tensor, layout: TokenLayout,
-                timestamps: Tensor, patch_size: int, plan: PackPlan | None = None) -> tuple[Packed, Tensor]:
+                timestamps: Tensor, patch_size: int, plan: PackPlan | None = None,
+                drops: list | None = None) -> tuple[Packed, Tensor]:
         """patch tokens, mask [B, N] codes → (packed ONLINE tokens, pooled [B, D]).
 
         ``patch_tokens``: {m: [B, *grid, BS, D]} of every position, or ``[total, D]`` of the ONLINE
-        positions only, packed as ``plan`` says (`MultiModalPatchEmbeddings.packed`).
+        positions only, packed as ``plan`` says (`MultiModalPatchEmbeddings.packed`); with those,
+        ``drops`` may hold the blocks' DropPath draws made on the host (`model.plan.draw_drop_path`).
         ``plan``: the packing of ``mask == ONLINE`` made on the host (`model/plan.py`); not used
         with bandset merge, which packs the merged tokens here."""
         if isinstance(patch_tokens, Tensor):
@@ -133,7 +135,7 @@ class Encoder(nn.Module):
                 raise ValueError("Encoder: packed patch tokens need the plan of their positions (and no bandset merge)")
             x, index, seg = patch_tokens, plan.index, plan.seg
             x = x + self.composite_encodings(layout, timestamps, patch_size, positions=index)
-            return self._finish(self._blocks(x, seg, self.blocks), index, seg, layout, mask)
+            return self._finish(self._blocks(x, seg, self.blocks, drops), index, seg, layout, mask)
         full = layout.flatten(patch_tokens)
         merge_now = len(self.bandset_merge) > 0 and self.merge_after_layer == -1
         if merge_now:

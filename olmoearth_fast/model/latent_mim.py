@@ -95,9 +95,11 @@ class LatentMIM(nn.Module):
 
     def plan(self, data: dict[str, Tensor], view_masks: list[dict[str, Tensor]], patch_size: int,
              mask_negatives_for: tuple[str, ...] | None) -> MicrobatchPlan:
-        """Host-side packing plan of a microbatch (host tensors in, host tensors out)."""
+        """Host-side packing plan of a microbatch (host tensors in, host tensors out); in training
+        mode it also draws the encoder's DropPath (`model.plan.draw_drop_path`)."""
+        drop = (len(self.encoder.blocks), self.cfg.drop_path) if self.training else None
         return plan_microbatch(self.layout(data, patch_size), view_masks, self.cfg.merge_bandsets,
-                               mask_negatives_for)
+                               mask_negatives_for, drop)
 
     @torch.no_grad()
     def target(self, data: dict[str, Tensor], layout: TokenLayout) -> Tensor:
@@ -132,7 +134,8 @@ class LatentMIM(nn.Module):
             online = plan.online if plan is not None else PackPlan.build(masks == MaskValue.ONLINE_ENCODER, layout)
             tokens = self.patch_embeddings.packed(data, p, online.rows, views, target_module, dec_plan.rows)
             tokens, target = tokens if with_target else (tokens, None)
-            encoded, pooled = self.encoder(tokens, masks, layout, timestamps_v, p, online)
+            encoded, pooled = self.encoder(tokens, masks, layout, timestamps_v, p, online,
+                                           None if plan is None else plan.drop_path)
         else:
             tokens = self.patch_embeddings(data, p, num_views=views, target=target_module)
             tokens, target = tokens if with_target else (tokens, None)

@@ -106,6 +106,58 @@ class PackPlan:
 
 
 @dataclass
+class BranchDrop:
+    """Stochastic depth of one residual branch, drawn on the host: which samples keep it.
+
+    ``keep [B]`` (bool) is the per-sample Bernoulli(1 − rate) draw. Where some samples drop the
+    branch and some keep it, ``rows`` (the kept samples' packed rows) and ``seg`` (their
+    segments) let the block compute the branch for the kept samples only: a dropped sample's
+    branch output is multiplied by 0 and its gradient is 0, so skipping it changes nothing
+    (`model.attention.Block`). Both None when every sample keeps the branch, or none does (then
+    the block runs it on every row and multiplies, so that its parameters still get a
+    gradient, zero, as the reference's).
+    """
+
+    keep: Tensor
+    rate: float
+    rows: Tensor | None = None
+    seg: Segments | None = None
+
+    @classmethod
+    def draw(cls, seg: Segments, rate: float) -> BranchDrop:
+        """One draw for the samples of host segments ``seg`` (the global CPU generator)."""
+        return cls.from_keep(seg, torch.rand(seg.batch) < 1.0 - rate, rate)
+
+    @classmethod
+    def from_keep(cls, seg: Segments, keep: Tensor, rate: float) -> BranchDrop:
+        """From a host draw ``keep [B]`` (bool) over host segments ``seg``."""
+        kept = keep.tolist()
+        if all(kept) or not any(kept):
+            return cls(keep, rate)
+        cu = seg.host()
+        lengths = [cu[i + 1] - cu[i] for i in range(seg.batch) if kept[i]]
+        rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in range(seg.batch) if kept[i]])
+        cu_kept = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        sub = Segments.from_cu_seqlens(cu_kept, rows.shape[0], max(lengths))
+        sub._host = cu_kept.tolist()
+        return cls(keep, rate, rows, sub)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> BranchDrop:
+        return BranchDrop(self.keep.to(device, non_blocking=non_blocking), self.rate,
+                          None if self.rows is None else self.rows.to(device, non_blocking=non_blocking),
+                          None if self.seg is None else self.seg.to(device, non_blocking))
+
+    def pin_memory(self) -> BranchDrop:
+        return BranchDrop(self.keep.pin_memory(), self.rate, None if self.rows is None else self.rows.pin_memory(),
+                          None if self.seg is None else self.seg.pin_memory())
+
+
+def draw_drop_path(seg: Segments, depth: int, rate: float) -> list[tuple[BranchDrop, BranchDrop]]:
+    """The (attention, MLP) branch draws of ``depth`` blocks over host segments ``seg``."""
+    return [(BranchDrop.draw(seg, rate), BranchDrop.draw(seg, rate)) for _ in range(depth)]
+
+
+@dataclass
 class LossSegments:
     """The masked-negatives loss's segments over the packed DECODER tokens (sample-major,
     modality-major within a sample: segment s = (view·B + b)·M + m)."""
@@ -132,22 +184,31 @@ class MicrobatchPlan:
     decoder: PackPlan
     loss: LossSegments
     num_views: int
+    # the encoder blocks' stochastic depth (`draw_drop_path`), None where it is drawn on the device
+    drop_path: list[tuple[BranchDrop, BranchDrop]] | None = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> MicrobatchPlan:
         return MicrobatchPlan(self.layout, self.masks.to(device, non_blocking=non_blocking),
                               None if self.online is None else self.online.to(device, non_blocking),
                               self.decoder.to(device, non_blocking), self.loss.to(device, non_blocking),
-                              self.num_views)
+                              self.num_views, None if self.drop_path is None else
+                              [(a.to(device, non_blocking), m.to(device, non_blocking)) for a, m in self.drop_path])
 
     def pin_memory(self) -> MicrobatchPlan:
         return MicrobatchPlan(self.layout, self.masks.pin_memory(),
                               None if self.online is None else self.online.pin_memory(),
-                              self.decoder.pin_memory(), self.loss.pin_memory(), self.num_views)
+                              self.decoder.pin_memory(), self.loss.pin_memory(), self.num_views,
+                              None if self.drop_path is None else
+                              [(a.pin_memory(), m.pin_memory()) for a, m in self.drop_path])
 
 
 def plan_microbatch(layout: TokenLayout, view_masks: list[dict[str, Tensor]], merge_bandsets: bool,
-                    mask_negatives_for: tuple[str, ...] | None) -> MicrobatchPlan:
-    """The plan of one microbatch from its host pixel masks (one dict per view)."""
+                    mask_negatives_for: tuple[str, ...] | None,
+                    drop_path: tuple[int, float] | None = None) -> MicrobatchPlan:
+    """The plan of one microbatch from its host pixel masks (one dict per view).
+
+    ``drop_path`` (encoder depth, rate) also draws the encoder's stochastic depth here, on the
+    host (not with the bandset merge, whose packing the plan does not hold)."""
     masks = torch.cat([layout.token_masks(m) for m in view_masks])  # [V·B, N]
     if masks.is_cuda:
         raise ValueError("plan_microbatch: masks must be on the host (plan before moving the batch)")
@@ -163,5 +224,8 @@ def plan_microbatch(layout: TokenLayout, view_masks: list[dict[str, Tensor]], me
     view_of_row = torch.arange(views * b) // b
     seg_modality = (torch.arange(m)[None, :] + m * view_of_row[:, None]).flatten().to(torch.int32)
     flags = torch.tensor([mask_negatives_for is None or mod in mask_negatives_for for mod in mods])
+    drops = None
+    if drop_path is not None and drop_path[1] > 0 and online is not None:
+        drops = draw_drop_path(online.seg, *drop_path)
     return MicrobatchPlan(layout, masks, online, decoder,
-                          LossSegments(seg_offsets, seg_modality, flags.repeat(views * b)), views)
+                          LossSegments(seg_offsets, seg_modality, flags.repeat(views * b)), views, drops)
