@@ -285,15 +285,16 @@ def test_encode_marks_missing_tokens():
 @pytest.mark.parametrize("lengths", [[5, 1, 7], [4, 0, 2], [3, 3, 3]])
 def test_padded_attention_backend_matches_segment_backend(lengths):
     # the CUDA fallback (padded + key mask) and the CPU backend (per segment) agree
-    from olmoearth_fast.model.attention import _padded_sdpa, _segment_sdpa
+    from olmoearth_fast.model.attention import _padded_sdpa
+    from olmoearth_fast.ops.segment_attention import segment_attention
 
     seg = _segments(lengths)
     k_seg = _segments([2, 0, 4])
-    q = torch.randn(sum(lengths), 2, 4)
-    kv = torch.randn(6, 2, 4)
-    torch.testing.assert_close(_padded_sdpa(q, q, q, seg, seg), _segment_sdpa(q, q, q, seg, seg))
-    out = _segment_sdpa(q, kv, kv, seg, k_seg)
-    torch.testing.assert_close(out[lengths[0]:lengths[0] + lengths[1]], torch.zeros(lengths[1], 2, 4))
+    q = torch.randn(sum(lengths), 2, 16)
+    kv = torch.randn(6, 2, 16)
+    torch.testing.assert_close(_padded_sdpa(q, q, q, seg, seg), segment_attention(q, q, q, seg.host(), seg.host()))
+    out = segment_attention(q, kv, kv, seg.host(), k_seg.host())
+    torch.testing.assert_close(out[lengths[0]:lengths[0] + lengths[1]], torch.zeros(lengths[1], 2, 16))
     ref = _padded_sdpa(q, kv, kv, seg, k_seg)
     rows = [i for i in range(sum(lengths)) if not lengths[0] <= i < lengths[0] + lengths[1]]
     torch.testing.assert_close(out[rows], ref[rows])

@@ -1,0 +1,82 @@
+"""The CPU segment-attention op (csrc/segment_attention.cpp) against its reference (SDPA per
+segment): values and the gradients of q, k and v, on the shapes the model produces."""
+
+import itertools
+
+import pytest
+import torch
+
+from olmoearth_fast.ops import segment_attention as sa
+
+needs_kernel = pytest.mark.skipif(not sa.kernel_available(), reason="this CPU has no AVX-512F")
+
+
+def _offsets(lengths):
+    return [0, *itertools.accumulate(lengths)]
+
+
+def _case(q_lens, k_lens, heads, dim, strided=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(q_lens), sum(k_lens)
+    if strided:  # q as the model makes it: a view of one qkv GEMM ([T, 3, H, d] unbound)
+        qkv = torch.randn(tq, 3, heads, dim, generator=g, requires_grad=True)
+        q = qkv[:, 0]
+    else:
+        qkv = q = torch.randn(tq, heads, dim, generator=g, requires_grad=True)
+    k = torch.randn(tk, heads, dim, generator=g, requires_grad=True)
+    v = torch.randn(tk, heads, dim, generator=g, requires_grad=True)
+    grad = torch.randn(tq, heads, dim, generator=g)
+    return qkv, q, k, v, grad, _offsets(q_lens), _offsets(k_lens)
+
+
+CASES = [
+    ([5, 0, 17, 33, 1, 3], [7, 4, 0, 40, 1, 20], 8, 16),  # empty q and k segments, cross lengths
+    ([271, 228, 96], [271, 228, 96], 8, 16),  # nano self-attention lengths
+    ([215, 90, 473], [248, 345, 91], 3, 64),  # tiny cross-attention lengths
+    ([16, 32, 15, 17], [16, 32, 15, 17], 2, 32),  # around the 16-key tiles
+    ([9, 2], [300, 1], 1, 128),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("q_lens,k_lens,heads,dim", CASES)
+@pytest.mark.parametrize("strided", [True, False])
+def test_kernel_equals_reference(q_lens, k_lens, heads, dim, strided):
+    qkv, q, k, v, grad, q_cu, k_cu = _case(q_lens, k_lens, heads, dim, strided)
+    assert sa.uses_kernel(q)
+    got = sa.segment_attention(q, k, v, q_cu, k_cu)
+    want = sa.segment_attention_ref(q, k, v, q_cu, k_cu)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    for a, b in zip(torch.autograd.grad(got, [qkv, k, v], grad), torch.autograd.grad(want, [qkv, k, v], grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_samples_without_keys_get_zeros():
+    qkv, q, k, v, grad, q_cu, k_cu = _case([3, 4], [0, 5], 2, 16)
+    out = sa.segment_attention(q, k, v, q_cu, k_cu)
+    assert torch.equal(out[:3], torch.zeros(3, 2, 16))
+    dq = torch.autograd.grad(out, qkv, grad)[0]
+    assert torch.equal(dq[:3], torch.zeros(3, 3, 2, 16)) and dq[3:, 0].abs().sum() > 0
+
+
+def test_other_dtypes_and_head_dims_take_the_reference(monkeypatch):
+    q = torch.randn(6, 2, 24)
+    assert not sa.uses_kernel(q)  # head dim 24
+    assert not sa.uses_kernel(torch.randn(6, 2, 16, dtype=torch.bfloat16))
+    monkeypatch.setenv("OLMOEARTH_FAST_KERNELS", "pytorch")
+    assert not sa.uses_kernel(torch.randn(6, 2, 16))
+    out = sa.segment_attention(q, q, q, [0, 2, 6], [0, 2, 6])
+    torch.testing.assert_close(out, sa.segment_attention_ref(q, q, q, [0, 2, 6], [0, 2, 6]))
+
+
+@needs_kernel
+def test_bad_offsets_are_refused():
+    q = torch.randn(6, 2, 16)
+    with pytest.raises(ValueError, match="offsets"):
+        sa.segment_attention(q, q, q, [0, 2, 5], [0, 2, 6])
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        torch.ops.olmoearth_fast.segment_attention_fwd(q, q, q, [0, 4, 2, 6], [0, 2, 4, 6], 0.25)
+    with pytest.raises(RuntimeError, match="head dim"):
+        x = torch.randn(6, 2, 24)
+        torch.ops.olmoearth_fast.segment_attention_fwd(x, x, x, [0, 6], [0, 6], 0.25)
