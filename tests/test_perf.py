@@ -142,8 +142,9 @@ def test_cpu_peak_is_measured_and_cached():
 
 
 # --------------------------------------------------------------------------------------------
-# Against the flop counter, on real steps. CPU SDPA's flash kernel has no formula in torch's
-# counter; these count QKᵀ + PV (and twice that backward) as the model does.
+# Against the flop counter, on real steps. CPU SDPA's flash kernel and our segment-attention op
+# have no formula in torch's counter; these count QKᵀ + PV (and twice that backward) as the
+# model does.
 
 
 def _sdpa_cpu_fwd(q, k, v, *args, out_shape=None, **kwargs):
@@ -156,11 +157,28 @@ def _sdpa_cpu_bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
     return 8 * b * h * s * k[2] * d
 
 
+def _segment_scores(q, q_cu, k_cu) -> int:
+    """Σ over segments of Lq·Lk, times heads and head dim (the op's offsets are host lists)."""
+    pairs = sum((q_cu[i + 1] - q_cu[i]) * (k_cu[i + 1] - k_cu[i]) for i in range(len(q_cu) - 1))
+    return pairs * q[1] * q[2]
+
+
+def _segment_fwd(q, k, v, q_cu, k_cu, scale, out_shape=None, **kwargs):
+    return 4 * _segment_scores(q, q_cu, k_cu)
+
+
+def _segment_bwd(grad_out, q, k, v, out, lse, q_cu, k_cu, scale, out_shape=None, **kwargs):
+    return 8 * _segment_scores(q, q_cu, k_cu)
+
+
 _COUNTER_EXTRAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_fwd,
-                   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_bwd}
+                   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_bwd,
+                   torch.ops.olmoearth_fast.segment_attention_fwd: _segment_fwd,
+                   torch.ops.olmoearth_fast.segment_attention_bwd: _segment_bwd}
 _GROUPS = {"conv": ("convolution", "convolution_backward"), "linear": ("mm", "addmm"),
            "attention": ("_scaled_dot_product_flash_attention_for_cpu",
-                         "_scaled_dot_product_flash_attention_for_cpu_backward"), "bmm": ("bmm",)}
+                         "_scaled_dot_product_flash_attention_for_cpu_backward",
+                         "segment_attention_fwd", "segment_attention_bwd"), "bmm": ("bmm",)}
 
 
 def _counted(fn) -> dict[str, float]:
