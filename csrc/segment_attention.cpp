@@ -66,11 +66,34 @@ OEF_AVX512 inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// lanes j..j+15 that are keys (< n)
+OEF_AVX512 inline __mmask16 tail_mask(int64_t j, int64_t n) {
+  return j + 16 <= n ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+}
+
 // s[r][j] = scale · Σ_c a_r[c] · bt[c][j] for nr (<= 4) rows a_r (stride lda) against the
 // transposed [D][lp] matrix bt (lp a multiple of 16, zero padded): keys 16 at a time.
 template <int D>
 OEF_AVX512 void rows_times_bt(const float* const* a, int nr, const float* bt, int64_t lp, float scale, float* s) {
-  for (int64_t j = 0; j < lp; j += 16) {
+  int64_t j = 0;
+  for (; j + 32 <= lp; j += 32) {  // 32 keys a step: each broadcast feeds two FMAs
+    __m512 acc[kRows][2];
+    for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int c = 0; c < D; ++c) {
+      const __m512 b0 = _mm512_loadu_ps(bt + c * lp + j), b1 = _mm512_loadu_ps(bt + c * lp + j + 16);
+      for (int r = 0; r < kRows; ++r)
+        if (r < nr) {
+          const __m512 ar = _mm512_set1_ps(a[r][c]);
+          acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < nr; ++r) {
+      _mm512_storeu_ps(s + r * lp + j, _mm512_mul_ps(acc[r][0], _mm512_set1_ps(scale)));
+      _mm512_storeu_ps(s + r * lp + j + 16, _mm512_mul_ps(acc[r][1], _mm512_set1_ps(scale)));
+    }
+  }
+  for (; j < lp; j += 16) {
     __m512 acc[kRows];
     for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
     for (int c = 0; c < D; ++c) {
@@ -148,24 +171,29 @@ OEF_AVX512 void forward_task(View q, View k, View v, Out out, float* lse, int64_
       dst[r] = out.at(q0 + i + r, h);
     }
     rows_times_bt<D>(rows, nr, kt.data(), lp, scale, s.data());
+    float inv[kRows];
     for (int r = 0; r < nr; ++r) {
       float* sr = s.data() + r * lp;
-      float m = kNegInf;
-      for (int64_t j = 0; j < nk; ++j) m = std::max(m, sr[j]);
+      __m512 mx = _mm512_set1_ps(kNegInf);
+      for (int64_t j = 0; j < lp; j += 16)
+        mx = _mm512_mask_max_ps(mx, tail_mask(j, nk), mx, _mm512_loadu_ps(sr + j));
+      const float m = _mm512_reduce_max_ps(mx);
       const __m512 mv = _mm512_set1_ps(m);
       __m512 sum = _mm512_setzero_ps();
       for (int64_t j = 0; j < lp; j += 16) {
-        const __mmask16 valid = j + 16 <= nk ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(nk - j, 0)) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mv)));
+        const __m512 e = _mm512_maskz_mov_ps(tail_mask(j, nk), exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mv)));
         sum = _mm512_add_ps(sum, e);
         _mm512_storeu_ps(sr + j, e);
       }
       const float l = _mm512_reduce_add_ps(sum);
-      const __m512 inv = _mm512_set1_ps(1.0f / l);
-      for (int64_t j = 0; j < lp; j += 16) _mm512_storeu_ps(sr + j, _mm512_mul_ps(_mm512_loadu_ps(sr + j), inv));
+      inv[r] = 1.0f / l;
       lse[(q0 + i + r) * lse_row + h] = m + std::log(l);
     }
+    // unnormalised weights, the 1/Σ applied to the D outputs of each row instead of to its keys
     weights_times_rows<D>(s.data(), lp, nr, v.at(k0, h), v.row, nk, dst);
+    for (int r = 0; r < nr; ++r)
+      for (int c = 0; c < D; c += 16)
+        _mm512_storeu_ps(dst[r] + c, _mm512_mul_ps(_mm512_loadu_ps(dst[r] + c), _mm512_set1_ps(inv[r])));
   }
 }
 
@@ -204,8 +232,7 @@ OEF_AVX512 void backward_task(View go, View q, View k, View v, View out, const f
       const __m512 lv = _mm512_set1_ps(lse[(q0 + i + r) * lse_row + h]);
       const __m512 dv_ = _mm512_set1_ps(delta[r]);
       for (int64_t j = 0; j < lp; j += 16) {
-        const __mmask16 valid = j + 16 <= nk ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(nk - j, 0)) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(_mm512_loadu_ps(pr + j), lv)));
+        const __m512 e = _mm512_maskz_mov_ps(tail_mask(j, nk), exp512(_mm512_sub_ps(_mm512_loadu_ps(pr + j), lv)));
         _mm512_storeu_ps(pr + j, e);
         // dS = P ∘ (dP − δ)
         _mm512_storeu_ps(dpr + j, _mm512_mul_ps(e, _mm512_sub_ps(_mm512_loadu_ps(dpr + j), dv_)));
