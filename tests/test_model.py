@@ -94,6 +94,26 @@ def test_host_drawn_drop_path_skips_dropped_samples_with_the_same_result(keep):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_host_drawn_drop_path_under_autocast():
+    """Under bf16 autocast (the GPU recipe; CPU autocast here) the branch outputs are bf16 and the
+    residual stream fp32: the skipping path adds them back in the residual's dtype, with the
+    factor rounded in the branch's dtype as the in-forward DropPath rounds it."""
+    from olmoearth_fast.model.attention import Block
+    from olmoearth_fast.model.plan import BranchDrop
+
+    torch.manual_seed(0)
+    blk = Block(32, 2, 2.0, drop_path=0.1).train()
+    seg = _segments([5, 6, 7])
+    seg.host()
+    x = torch.randn(18, 32)
+    keep = torch.tensor([True, False, True])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = blk(x, seg, drops=(BranchDrop.from_keep(seg, keep, 0.1), BranchDrop.from_keep(seg, ~keep, 0.1)))
+        want = blk(x, seg, drops=(BranchDrop(keep, 0.1), BranchDrop(~keep, 0.1)))
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
 def test_merged_mask_rule():
     m = torch.tensor([[0, 2, 3], [2, 1, 3], [3, 3, 3], [1, 2, 1]])
     assert merged_mask(m).flatten().tolist() == [0, 1, 3, 1]

@@ -215,12 +215,13 @@ def _residual(x: Tensor, seg: Segments, drop, branch) -> Tensor:
     counts that change with every draw) and where all or none keep it: the branch on every row,
     times the per-sample factor, as `drop_path`.
     """
+    # the factors in the branch output's dtype (bf16 under autocast), as `drop_path` computes them
     if torch.compiler.is_compiling() or drop.rows is None:
-        scale = drop.keep.to(x.dtype) / (1.0 - drop.rate)
-        return x + branch(x, seg) * scale[seg.sample_ids, None]
-    # the kept samples' factor, 1/(1 − rate) in x's dtype as `drop_path` computes it
-    scale = torch.ones((), dtype=x.dtype, device=x.device) / (1.0 - drop.rate)
-    return x.index_add(0, drop.rows, branch(gather_rows(x, drop.rows), drop.seg) * scale)
+        out = branch(x, seg)
+        return x + out * (drop.keep.to(out.dtype) / (1.0 - drop.rate))[seg.sample_ids, None]
+    out = branch(gather_rows(x, drop.rows), drop.seg)
+    scale = torch.ones((), dtype=out.dtype, device=out.device) / (1.0 - drop.rate)
+    return x.index_add(0, drop.rows, (out * scale).to(x.dtype))
 
 
 def init_linear_xavier(module: nn.Module) -> None:
