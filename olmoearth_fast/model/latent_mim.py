@@ -3,7 +3,8 @@
 The reference's target is `deepcopy(encoder)` run with token_exit_cfg all 0 and EMA decay
 (1, 1): it is exactly the frozen, randomly initialised patch-embedding projection of the
 unmasked, un-dropped input (docs/reference_semantics.md §6). Only that projection is kept here
-(`target_patch_embeddings`, no grad), and it is computed once per microbatch for both views.
+(`target_patch_embeddings`, no grad), and it is computed once per microbatch for both views, at
+the positions the decoder predicts (the loss reads nothing else).
 """
 
 from __future__ import annotations

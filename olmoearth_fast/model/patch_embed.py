@@ -4,6 +4,10 @@ Spatial bandsets: band gather → band dropout → antialiased bicubic resize by
 stride 8, all inside one `olmoearth_fast.ops.patch_embed` call (fused Triton kernel on CUDA).
 Time-only era5_10: band gather → band dropout → Linear(C, D) (xavier init, as the reference
 re-initialises it). Parameter names follow the reference so its state_dicts map 1:1.
+
+`MultiModalPatchEmbeddings.forward` embeds every position (evaluation, the bandset-merge models);
+`MultiModalPatchEmbeddings.packed` only the tokens a training step reads, straight into the
+packed layout (`ops.patch_embed.patch_embed_rows`).
 """
 
 from __future__ import annotations
