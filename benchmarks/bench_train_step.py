@@ -52,7 +52,7 @@ SIZES = [s for s in os.environ.get("OLMOEARTH_BENCH_SIZES", ",".join(ALL_SIZES))
 # (patch size, hw_p) of the timed rank batch: a mid-size crop of the reference's sampling range
 SHAPE = (4, 8) if ON_GPU else (4, 6)
 CPU_BATCH = {"nano": 16, "tiny": 8, "base_shallow_decoder": 4}
-CPU_ROUNDS = {"nano": 3, "tiny": 3, "base_shallow_decoder": 2}
+CPU_ROUNDS = {"nano": 5, "tiny": 5, "base_shallow_decoder": 3}
 
 
 def _batch(size: str) -> tuple[int, int]:

@@ -5,9 +5,10 @@
 Runs the `benchmarks/bench_train_step.py` setup (same weights, same masked batches, exp14,
 p=4, hw_p=6 on CPU) under `torch.profiler` for ``--steps`` steps after a warm-up step and sorts
 every operator's self time into: matmul (Linear, conv, bmm and their backward), attention
-(SDPA kernels), elementwise and norms, data movement and indexing (copies, cat, gather/scatter,
-fills), optimizer (the AdamW update), other ops; "Python / dispatch" is the step's wall time
-minus the operators' time (framework overhead between kernels). Prints one Markdown table.
+(SDPA kernels, our segment-attention op), elementwise and norms, data movement and indexing
+(copies, cat, gather/scatter, fills), optimizer (the AdamW update), other ops; "Python /
+dispatch" is the step's wall time minus the operators' time (framework overhead between
+kernels). Prints one Markdown table.
 On CUDA the device time of each kernel is used instead (self CUDA time).
 """
 
@@ -33,7 +34,7 @@ from olmoearth_fast.data.demo import ensure_demo_dataset  # noqa: E402
 from olmoearth_fast.trainer import Trainer, build_loader, build_model  # noqa: E402
 
 CATEGORIES = [
-    ("attention", r"scaled_dot_product|flash_attention|efficient_attention|varlen"),
+    ("attention", r"scaled_dot_product|flash_attention|efficient_attention|varlen|segment_attention"),
     ("optimizer", r"adam|_foreach|lerp|addcdiv|addcmul|_fused"),
     ("matmul", r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|conv|convolution|mkldnn_conv|_convolution|"
                r"convolution_backward|_slow_conv|mkldnn_linear)"),
