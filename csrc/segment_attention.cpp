@@ -14,15 +14,19 @@
 // tokens) with small heads (nano: 8 heads of 16). PyTorch's CPU flash kernel runs those at about
 // a third of the matmul peak, and the per-segment calls cost Python dispatch and autograd nodes.
 // Here one op call covers every segment and head (parallel over (segment, head) pairs), and the
-// inner loops are AVX-512 register tiles: 4 query rows at a time, keys 16 at a time for
-// Q·Kᵀ (K transposed once per task), head-dim vectors for P·V. Where the CPU lacks AVX-512F
-// `available()` is false and olmoearth_fast/ops/segment_attention.py takes its reference path.
+// inner loops are AVX-512 register tiles: 4 query rows at a time, keys 32 at a time for
+// Q·Kᵀ (K transposed once per task), head-dim vectors for P·V. Where the CPU lacks AVX-512F (or
+// the build is not x86-64) `available()` is false and olmoearth_fast/ops/segment_attention.py
+// takes its reference path.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) && !defined(OEF_NO_AVX512)  // -DOEF_NO_AVX512: build without the kernels
 #include <immintrin.h>
+#define OEF_X86 1
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -47,6 +51,15 @@ struct Out {
   float* at(int64_t t, int64_t h) const { return p + t * row + h * head; }
 };
 
+// [n] rows of D floats (stride ld) -> [D][lp] transposed, zero padded to lp.
+template <int D>
+void transpose_rows(const float* m, int64_t ld, int64_t n, int64_t lp, float* t) {
+  std::fill(t, t + D * lp, 0.0f);
+  for (int64_t j = 0; j < n; ++j)
+    for (int c = 0; c < D; ++c) t[c * lp + j] = m[j * ld + c];
+}
+
+#ifdef OEF_X86  // the AVX-512 kernels (compiled for any x86-64 host, run where the CPU has them)
 #define OEF_AVX512 __attribute__((target("avx512f,avx512dq,fma")))
 
 // e^x for x <= 0 (scores minus their max): exp2 split, degree-6 polynomial, scalef.
@@ -147,14 +160,6 @@ OEF_AVX512 void accumulate_outer(const float* w, int64_t lp, int nr, const float
   }
 }
 
-// [n] rows of D floats (stride ld) -> [D][lp] transposed, zero padded to lp.
-template <int D>
-void transpose_rows(const float* m, int64_t ld, int64_t n, int64_t lp, float* t) {
-  std::fill(t, t + D * lp, 0.0f);
-  for (int64_t j = 0; j < n; ++j)
-    for (int c = 0; c < D; ++c) t[c * lp + j] = m[j * ld + c];
-}
-
 // Forward of one (segment, head): queries q0..q0+nq, keys k0..k0+nk (nk > 0).
 template <int D>
 OEF_AVX512 void forward_task(View q, View k, View v, Out out, float* lse, int64_t lse_row, int64_t h, int64_t q0,
@@ -251,6 +256,16 @@ OEF_AVX512 void backward_task(View go, View q, View k, View v, View out, const f
     }
 }
 
+#endif  // OEF_X86
+
+bool available() {
+#ifdef OEF_X86
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
 View view_of(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1)}; }
 Out out_of(at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1)}; }
 
@@ -289,7 +304,7 @@ void for_tasks(at::IntArrayRef q_cu, int64_t heads, const F& fn) {
 std::tuple<at::Tensor, at::Tensor> segment_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                          at::IntArrayRef q_cu, at::IntArrayRef k_cu, double scale) {
   check(q, k, v, q_cu, k_cu);
-  TORCH_CHECK(__builtin_cpu_supports("avx512f"), "segment_attention: this CPU has no AVX-512F");
+  TORCH_CHECK(available(), "segment_attention: this CPU has no AVX-512F (the op's Python wrapper falls back)");
   const int64_t heads = q.size(1);
   at::Tensor out = at::zeros(q.sizes(), q.options());
   at::Tensor lse = at::full({q.size(0), heads}, kNegInf, q.options());
@@ -297,10 +312,12 @@ std::tuple<at::Tensor, at::Tensor> segment_attention_fwd(const at::Tensor& q, co
   Out ov = out_of(out);
   float* l = lse.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+#ifdef OEF_X86
   OEF_DISPATCH_D(q.size(2), for_tasks(q_cu, heads, [&](int64_t s, int64_t h) {
     const int64_t nq = q_cu[s + 1] - q_cu[s], nk = k_cu[s + 1] - k_cu[s];
     if (nq > 0 && nk > 0) forward_task<D>(qv, kv, vv, ov, l, heads, h, q_cu[s], nq, k_cu[s], nk, sc);
   }));
+#endif
   return {out, lse};
 }
 
@@ -308,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, at::IntArrayRef q_cu, at::IntArrayRef k_cu, double scale) {
   check(q, k, v, q_cu, k_cu);
-  TORCH_CHECK(__builtin_cpu_supports("avx512f"), "segment_attention: this CPU has no AVX-512F");
+  TORCH_CHECK(available(), "segment_attention: this CPU has no AVX-512F (the op's Python wrapper falls back)");
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.stride(2) == 1 &&
                   out.stride(2) == 1 && grad_out.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
               "segment_attention_bwd: grad_out and out must be fp32 like q");
@@ -322,15 +339,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_bwd(
   Out dqv = out_of(dq), dkv = out_of(dk), dvv = out_of(dv);
   const float* l = lse.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+#ifdef OEF_X86
   OEF_DISPATCH_D(q.size(2), for_tasks(q_cu, heads, [&](int64_t s, int64_t h) {
     const int64_t nq = q_cu[s + 1] - q_cu[s], nk = k_cu[s + 1] - k_cu[s];
     if (nq > 0 && nk > 0)
       backward_task<D>(gv, qv, kv, vv, ov, l, heads, dqv, dkv, dvv, h, q_cu[s], nq, k_cu[s], nk, sc);
   }));
+#endif
   return {dq, dk, dv};
 }
-
-bool available() { return __builtin_cpu_supports("avx512f"); }
 
 }  // namespace
 }  // namespace olmoearth_fast

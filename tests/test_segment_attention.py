@@ -80,3 +80,23 @@ def test_bad_offsets_are_refused():
     with pytest.raises(RuntimeError, match="head dim"):
         x = torch.randn(6, 2, 24)
         torch.ops.olmoearth_fast.segment_attention_fwd(x, x, x, [0, 6], [0, 6], 0.25)
+
+
+def test_builds_without_the_avx512_kernels(tmp_path):
+    """csrc/segment_attention.cpp compiles where the AVX-512 kernels cannot (aarch64, or
+    -DOEF_NO_AVX512): the op then reports itself unavailable and the wrapper falls back."""
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    src = Path(__file__).resolve().parents[1] / "csrc" / "segment_attention.cpp"
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-DOEF_NO_AVX512", *(f"-I{p}" for p in include_paths()),
+           f"-I{sysconfig.get_paths()['include']}", str(src)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
