@@ -503,6 +503,10 @@ def embeds_only_rows(device_type: str) -> bool:
     return not (device_type == "cuda" and _have_triton())
 
 
+# (weight, bias, keeps, rows, view) of one projection of `patch_embed_rows`
+RowsProjection = tuple[Tensor, "Tensor | None", "list[Tensor] | None", Tensor, "Tensor | None"]
+
+
 def _check_rows(x: Tensor, patch_size: int, keeps: list[Tensor] | None, rows: Tensor, view: Tensor | None) -> None:
     if rows.dim() != 1 or rows.dtype != torch.long:
         raise ValueError(f"patch_embed_rows: rows must be a 1-D int64 tensor, got {tuple(rows.shape)} {rows.dtype}")
@@ -511,12 +515,8 @@ def _check_rows(x: Tensor, patch_size: int, keeps: list[Tensor] | None, rows: Te
                          f"{None if view is None else tuple(view.shape)} for rows {tuple(rows.shape)}")
 
 
-def patch_embed_rows_ref(
-    x: Tensor,
-    projections: list[tuple[Tensor, Tensor | None, list[Tensor] | None, Tensor, Tensor | None]],
-    patch_size: int,
-    band_index: Tensor | None = None,
-) -> list[Tensor]:
+def patch_embed_rows_ref(x: Tensor, projections: list[RowsProjection], patch_size: int,
+                         band_index: Tensor | None = None) -> list[Tensor]:
     """`patch_embed_rows` as the full embedding of every token, then the rows taken from it."""
     out = []
     for weight, bias, keeps, rows, view in projections:
@@ -528,12 +528,8 @@ def patch_embed_rows_ref(
     return out
 
 
-def patch_embed_rows(
-    x: Tensor,
-    projections: list[tuple[Tensor, Tensor | None, list[Tensor] | None, Tensor, Tensor | None]],
-    patch_size: int,
-    band_index: Tensor | None = None,
-) -> list[Tensor]:
+def patch_embed_rows(x: Tensor, projections: list[RowsProjection], patch_size: int,
+                     band_index: Tensor | None = None) -> list[Tensor]:
     """Some tokens of a bandset's patch embedding, for several projections (the online views and
     the frozen target): what `patch_embed` computes, at the given rows only.
 
