@@ -173,12 +173,15 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def drop_path(x: Tensor, seg: Segments, rate: float, training: bool) -> Tensor:
-    """Per-sample stochastic depth on packed tokens: one Bernoulli(1−rate) per sample."""
+def drop_path(x: Tensor, seg: Segments, rate: float, training: bool, keep: Tensor | None = None) -> Tensor:
+    """Per-sample stochastic depth on packed tokens: one Bernoulli(1−rate) per sample, drawn here
+    or given as ``keep [B]`` (bool, a host draw: `model.plan.BranchDrop`). The factors 0 and
+    1/(1−rate) are computed in x's dtype."""
     if rate == 0.0 or not training:
         return x
-    keep = 1.0 - rate
-    sample_keep = (torch.rand(seg.batch, device=x.device) < keep).to(x.dtype) / keep
+    if keep is None:
+        keep = torch.rand(seg.batch, device=x.device) < 1.0 - rate
+    sample_keep = keep.to(x.dtype) / (1.0 - rate)
     return x * sample_keep[seg.sample_ids, None]
 
 
@@ -215,11 +218,10 @@ def _residual(x: Tensor, seg: Segments, drop, branch) -> Tensor:
     counts that change with every draw) and where all or none keep it: the branch on every row,
     times the per-sample factor, as `drop_path`.
     """
-    # the factors in the branch output's dtype (bf16 under autocast), as `drop_path` computes them
     if torch.compiler.is_compiling() or drop.rows is None:
-        out = branch(x, seg)
-        return x + out * (drop.keep.to(out.dtype) / (1.0 - drop.rate))[seg.sample_ids, None]
+        return x + drop_path(branch(x, seg), seg, drop.rate, True, drop.keep)
     out = branch(gather_rows(x, drop.rows), drop.seg)
+    # the kept samples' factor in the branch output's dtype (bf16 under autocast), as `drop_path`
     scale = torch.ones((), dtype=out.dtype, device=out.device) / (1.0 - drop.rate)
     return x.index_add(0, drop.rows, (out * scale).to(x.dtype))
 
