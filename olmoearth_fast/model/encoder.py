@@ -130,19 +130,18 @@ class Encoder(nn.Module):
         ``drops`` may hold the blocks' DropPath draws made on the host (`model.plan.draw_drop_path`).
         ``plan``: the packing of ``mask == ONLINE`` made on the host (`model/plan.py`); not used
         with bandset merge, which packs the merged tokens here."""
-        if isinstance(patch_tokens, Tensor):
+        merge_now = len(self.bandset_merge) > 0 and self.merge_after_layer == -1
+        if isinstance(patch_tokens, Tensor):  # already packed at the plan's positions
             if plan is None or len(self.bandset_merge):
                 raise ValueError("Encoder: packed patch tokens need the plan of their positions (and no bandset merge)")
             x, index, seg = patch_tokens, plan.index, plan.seg
-            x = x + self.composite_encodings(layout, timestamps, patch_size, positions=index)
-            return self._finish(self._blocks(x, seg, self.blocks, drops), index, seg, layout, mask)
-        full = layout.flatten(patch_tokens)
-        merge_now = len(self.bandset_merge) > 0 and self.merge_after_layer == -1
-        if merge_now:
-            full = full + self.composite_encodings(layout, timestamps, patch_size)
-            full, layout, mask = self._merge(full, layout, mask)
-        x, index, seg = pack_positions(full, mask == MaskValue.ONLINE_ENCODER,
-                                       None if len(self.bandset_merge) else plan)
+        else:
+            full = layout.flatten(patch_tokens)
+            if merge_now:
+                full = full + self.composite_encodings(layout, timestamps, patch_size)
+                full, layout, mask = self._merge(full, layout, mask)
+            x, index, seg = pack_positions(full, mask == MaskValue.ONLINE_ENCODER,
+                                           None if len(self.bandset_merge) else plan)
         if not merge_now:
             x = x + self.composite_encodings(layout, timestamps, patch_size, positions=index)
         if len(self.bandset_merge) > 0 and self.merge_after_layer >= 0:
@@ -154,12 +153,9 @@ class Encoder(nn.Module):
             x, index, seg = pack_positions(full, mask == MaskValue.ONLINE_ENCODER)
             x = self._blocks(x, seg, self.blocks[k:])
         else:
-            x = self._blocks(x, seg, self.blocks)
-        return self._finish(x, index, seg, layout, mask)
-
-    def _finish(self, x: Tensor, index: Tensor, seg: Segments, layout: TokenLayout,
-                mask: Tensor) -> tuple[Packed, Tensor]:
-        out = Packed(self.norm(x), index, seg, layout, mask)
+            x = self._blocks(x, seg, self.blocks, drops)
+        x = self.norm(x)
+        out = Packed(x, index, seg, layout, mask)
         return out, self.pool(out)
 
     def pool(self, out: Packed) -> Tensor:
