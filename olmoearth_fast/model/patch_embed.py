@@ -88,6 +88,31 @@ class MultiModalPatchEmbeddings(nn.Module):
         computed from the same resized images as the online tokens (`patch_embed_multi`).
         """
         out, out_target = {}, {}
+        for m, _, x, idx, embed, t_embed, keeps in self._bandsets(data, num_views, target):
+            if MODALITIES[m].is_spatial:
+                projections = [(embed.proj.weight, embed.proj.bias, k) for k in keeps or [None]]
+                if t_embed is not None:
+                    projections.append((t_embed.proj.weight, t_embed.proj.bias, None))
+                ys = patch_embed_multi(x, projections, patch_size, idx)
+            else:
+                ys = [self._embed(m, embed, x, patch_size, k, idx) for k in keeps or [None]]
+                if t_embed is not None:
+                    ys.append(self._embed(m, t_embed, x, patch_size, None, idx))
+            if t_embed is not None:
+                out_target.setdefault(m, []).append(ys.pop())
+            if keeps is None and num_views > 1:  # computed once, repeated for the views
+                ys = [ys[0].repeat(num_views, *[1] * (ys[0].dim() - 1))]
+            out.setdefault(m, []).append(torch.cat(ys) if len(ys) > 1 else ys[0])
+        out = {m: torch.stack(tokens, dim=-2) for m, tokens in out.items()}
+        if target is None:
+            return out
+        return out, {m: torch.stack(tokens, dim=-2) for m, tokens in out_target.items()}
+
+    def _bandsets(self, data: dict[str, Tensor], num_views: int, target: MultiModalPatchEmbeddings | None):
+        """Every (modality, bandset) of ``data`` in this module's order, as ``(modality, bandset
+        number, x, band index, embedding, target embedding or None, keeps)``: x in the compute
+        dtype, ``keeps`` the V per-view band-dropout multipliers, drawn here in this order (None
+        without dropout). `forward` and `packed` both iterate it, so they draw the same keeps."""
         for m in self.modalities:
             if m not in data:
                 continue
@@ -96,32 +121,11 @@ class MultiModalPatchEmbeddings(nn.Module):
                 # the fused kernel computes in its input's dtype: bf16 under autocast, like the
                 # reference's bf16 FSDP compute (missing values are already in the masks)
                 x = x.to(torch.get_autocast_dtype("cuda"))
-            tokens, target_tokens = [], []
-            for name, embed in self.per_modality_embeddings[m].items():
+            for k, (name, embed) in enumerate(self.per_modality_embeddings[m].items()):
                 idx = getattr(self, f"bands__{name}")
                 keeps = [self._keep(m, x.shape[0], idx.numel(), x.device) for _ in range(num_views)]
-                if keeps[0] is None:
-                    keeps = keeps[:1]  # computed once, repeated for the views
                 t_embed = None if target is None else target.per_modality_embeddings[m][name]
-                if MODALITIES[m].is_spatial:
-                    projections = [(embed.proj.weight, embed.proj.bias, k) for k in keeps]
-                    if t_embed is not None:
-                        projections.append((t_embed.proj.weight, t_embed.proj.bias, None))
-                    ys = patch_embed_multi(x, projections, patch_size, idx)
-                else:
-                    ys = [self._embed(m, embed, x, patch_size, k, idx) for k in keeps]
-                    if t_embed is not None:
-                        ys.append(self._embed(m, t_embed, x, patch_size, None, idx))
-                if t_embed is not None:
-                    target_tokens.append(ys.pop())
-                if len(keeps) < num_views:
-                    tokens.append(ys[0].repeat(num_views, *[1] * (ys[0].dim() - 1)))
-                else:
-                    tokens.append(torch.cat(ys) if len(ys) > 1 else ys[0])
-            out[m] = torch.stack(tokens, dim=-2)
-            if target is not None:
-                out_target[m] = torch.stack(target_tokens, dim=-2)
-        return out if target is None else (out, out_target)
+                yield m, k, x, idx, embed, t_embed, None if keeps[0] is None else keeps
 
     def packed(self, data: dict[str, Tensor], patch_size: int, rows, num_views: int = 1,
                target: MultiModalPatchEmbeddings | None = None, target_rows=None):
@@ -135,31 +139,20 @@ class MultiModalPatchEmbeddings(nn.Module):
         """
         outs: dict[tuple[str, int], Tensor] = {}
         target_outs: dict[tuple[str, int], Tensor] = {}
-        for m in self.modalities:
-            if m not in data:
-                continue
-            x = data[m]
-            if x.is_cuda and torch.is_autocast_enabled("cuda"):
-                x = x.to(torch.get_autocast_dtype("cuda"))  # as in `forward`
-            spatial = MODALITIES[m].is_spatial
-            for k, (name, embed) in enumerate(self.per_modality_embeddings[m].items()):
-                idx = getattr(self, f"bands__{name}")
-                keeps = [self._keep(m, x.shape[0], idx.numel(), x.device) for _ in range(num_views)]
-                keeps = None if keeps[0] is None else keeps
-                r, view = rows.parts[(m, k)]
-                t_embed = None if target is None else target.per_modality_embeddings[m][name]
-                if spatial:
-                    projections = [(embed.proj.weight, embed.proj.bias, keeps, r, view)]
-                    if t_embed is not None:
-                        projections.append((t_embed.proj.weight, t_embed.proj.bias, None, *target_rows.parts[(m, k)]))
-                    ys = patch_embed_rows(x, projections, patch_size, idx)
-                else:
-                    ys = [_time_rows(embed, x, idx, keeps, r, view)]
-                    if t_embed is not None:
-                        ys.append(_time_rows(t_embed, x, idx, None, *target_rows.parts[(m, k)]))
-                outs[(m, k)] = ys[0]
+        for m, k, x, idx, embed, t_embed, keeps in self._bandsets(data, num_views, target):
+            r, view = rows.parts[(m, k)]
+            if MODALITIES[m].is_spatial:
+                projections = [(embed.proj.weight, embed.proj.bias, keeps, r, view)]
                 if t_embed is not None:
-                    target_outs[(m, k)] = ys[1]
+                    projections.append((t_embed.proj.weight, t_embed.proj.bias, None, *target_rows.parts[(m, k)]))
+                ys = patch_embed_rows(x, projections, patch_size, idx)
+            else:
+                ys = [_time_rows(embed, x, idx, keeps, r, view)]
+                if t_embed is not None:
+                    ys.append(_time_rows(t_embed, x, idx, None, *target_rows.parts[(m, k)]))
+            outs[(m, k)] = ys[0]
+            if t_embed is not None:
+                target_outs[(m, k)] = ys[1]
         tokens = gather_rows(torch.cat([outs[key] for key in rows.parts]), rows.order)
         if target is None:
             return tokens
