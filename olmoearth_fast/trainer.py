@@ -193,7 +193,8 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         staged, plans = self._stage(batch)
-        work = perf.plan_work(plans, self.cfg, device_type=self.device.type, compiled=self.compiled)  # host arithmetic while the device works
+        # host arithmetic while the device works
+        work = perf.plan_work(plans, self.cfg, device_type=self.device.type, compiled=self.compiled)
         n = len(staged)
         rng = _torch_rng_state()
         stats = torch.stack(self._accumulate(staged, n))  # [n, 3 + M]

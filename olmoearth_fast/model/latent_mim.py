@@ -130,8 +130,10 @@ class LatentMIM(nn.Module):
         views = masks.shape[0] // b
         timestamps_v = timestamps.repeat(views, 1, 1) if views > 1 else timestamps
         target_module = self.target_patch_embeddings if with_target else None
-        dec_plan = plan.decoder if plan is not None else PackPlan.build(masks == MaskValue.DECODER, layout)
-        if len(self.encoder.bandset_merge) == 0:
+        packed = len(self.encoder.bandset_merge) == 0  # the merge models embed every position
+        dec_plan = plan.decoder if plan is not None else PackPlan.build(masks == MaskValue.DECODER,
+                                                                         layout if packed else None)
+        if packed:
             online = plan.online if plan is not None else PackPlan.build(masks == MaskValue.ONLINE_ENCODER, layout)
             tokens = self.patch_embeddings.packed(data, p, online.rows, views, target_module, dec_plan.rows)
             tokens, target = tokens if with_target else (tokens, None)

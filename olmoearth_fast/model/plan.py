@@ -213,8 +213,10 @@ def plan_microbatch(layout: TokenLayout, view_masks: list[dict[str, Tensor]], me
     if masks.is_cuda:
         raise ValueError("plan_microbatch: masks must be on the host (plan before moving the batch)")
     views = len(view_masks)
-    online = None if merge_bandsets else PackPlan.build(masks == ONLINE, layout)
-    decoder = PackPlan.build(masks == DECODER, layout)
+    # the token rows the packed patch embedding reads (the merge models embed every position)
+    rows_of = None if merge_bandsets else layout
+    online = None if merge_bandsets else PackPlan.build(masks == ONLINE, rows_of)
+    decoder = PackPlan.build(masks == DECODER, rows_of)
     mods = layout.modalities
     m = len(mods)
     counts = torch.stack([(masks[:, s.slice] == DECODER).sum(1) for s in layout.segments], 1)  # [V·B, M]
