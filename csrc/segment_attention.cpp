@@ -51,12 +51,15 @@ struct Out {
   float* at(int64_t t, int64_t h) const { return p + t * row + h * head; }
 };
 
-// [n] rows of D floats (stride ld) -> [D][lp] transposed, zero padded to lp.
+// [n] rows of D floats (stride ld) -> [D][lp] transposed, zero padded to lp. Written row by row
+// of the output (contiguous stores; the n input rows stay in cache across the D passes).
 template <int D>
 void transpose_rows(const float* m, int64_t ld, int64_t n, int64_t lp, float* t) {
-  std::fill(t, t + D * lp, 0.0f);
-  for (int64_t j = 0; j < n; ++j)
-    for (int c = 0; c < D; ++c) t[c * lp + j] = m[j * ld + c];
+  for (int c = 0; c < D; ++c) {
+    float* tc = t + c * lp;
+    for (int64_t j = 0; j < n; ++j) tc[j] = m[j * ld + c];
+    std::fill(tc + n, tc + lp, 0.0f);
+  }
 }
 
 #ifdef OEF_X86  // the AVX-512 kernels (compiled for any x86-64 host, run where the CPU has them)
@@ -306,8 +309,9 @@ std::tuple<at::Tensor, at::Tensor> segment_attention_fwd(const at::Tensor& q, co
   check(q, k, v, q_cu, k_cu);
   TORCH_CHECK(available(), "segment_attention: this CPU has no AVX-512F (the op's Python wrapper falls back)");
   const int64_t heads = q.size(1);
-  at::Tensor out = at::zeros(q.sizes(), q.options());
-  at::Tensor lse = at::full({q.size(0), heads}, kNegInf, q.options());
+  // every row is written below: by its task, or as zeros / −inf where its sample has no keys
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), heads}, q.options());
   const View qv = view_of(q), kv = view_of(k), vv = view_of(v);
   Out ov = out_of(out);
   float* l = lse.data_ptr<float>();
@@ -315,7 +319,14 @@ std::tuple<at::Tensor, at::Tensor> segment_attention_fwd(const at::Tensor& q, co
 #ifdef OEF_X86
   OEF_DISPATCH_D(q.size(2), for_tasks(q_cu, heads, [&](int64_t s, int64_t h) {
     const int64_t nq = q_cu[s + 1] - q_cu[s], nk = k_cu[s + 1] - k_cu[s];
-    if (nq > 0 && nk > 0) forward_task<D>(qv, kv, vv, ov, l, heads, h, q_cu[s], nq, k_cu[s], nk, sc);
+    if (nq > 0 && nk > 0) {
+      forward_task<D>(qv, kv, vv, ov, l, heads, h, q_cu[s], nq, k_cu[s], nk, sc);
+    } else {
+      for (int64_t t = q_cu[s]; t < q_cu[s + 1]; ++t) {
+        std::fill(ov.at(t, h), ov.at(t, h) + D, 0.0f);
+        l[t * heads + h] = kNegInf;
+      }
+    }
   }));
 #endif
   return {out, lse};
@@ -332,9 +343,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_bwd(
   TORCH_CHECK(lse.is_contiguous() && lse.size(0) == q.size(0) && lse.size(1) == q.size(1),
               "segment_attention_bwd: lse must be a contiguous [Tq, H]");
   const int64_t heads = q.size(1);
-  at::Tensor dq = at::zeros(q.sizes(), q.options());
-  at::Tensor dk = at::zeros(k.sizes(), k.options());
-  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  // every row is written below: by its task, or as zeros where its sample has no keys / queries
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
   const View gv = view_of(grad_out), qv = view_of(q), kv = view_of(k), vv = view_of(v), ov = view_of(out);
   Out dqv = out_of(dq), dkv = out_of(dk), dvv = out_of(dv);
   const float* l = lse.data_ptr<float>();
@@ -342,8 +354,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_bwd(
 #ifdef OEF_X86
   OEF_DISPATCH_D(q.size(2), for_tasks(q_cu, heads, [&](int64_t s, int64_t h) {
     const int64_t nq = q_cu[s + 1] - q_cu[s], nk = k_cu[s + 1] - k_cu[s];
-    if (nq > 0 && nk > 0)
+    if (nq > 0 && nk > 0) {
       backward_task<D>(gv, qv, kv, vv, ov, l, heads, dqv, dkv, dvv, h, q_cu[s], nq, k_cu[s], nk, sc);
+    } else {
+      for (int64_t t = q_cu[s]; t < q_cu[s + 1]; ++t) std::fill(dqv.at(t, h), dqv.at(t, h) + D, 0.0f);
+      for (int64_t t = k_cu[s]; t < k_cu[s + 1]; ++t) {
+        std::fill(dkv.at(t, h), dkv.at(t, h) + D, 0.0f);
+        std::fill(dvv.at(t, h), dvv.at(t, h) + D, 0.0f);
+      }
+    }
   }));
 #endif
   return {dq, dk, dv};
