@@ -105,7 +105,7 @@ def test_train_step(bench, provider, size, demo_dataset, tmp_path):
     batches = [loader.make_batch(1, s) for s in range(2)]  # rotate two batches of the same shape
     torch.manual_seed(cfg.trainer.init_seed)
     init = reference_model(cfg, "feb")  # the shared initial weights (Conv2d layout)
-    work = [perf.step_work(b, cfg, device_type=DEVICE.type, compiled=provider == "ours_compiled") for b in batches]
+    work = [perf.step_work(b, cfg, device_type=DEVICE.type) for b in batches]
     if provider.startswith("ours"):
         model = build_model(cfg, torch.device("cpu"))
         import_reference_state_dict(model, init.state_dict())

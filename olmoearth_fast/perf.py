@@ -198,9 +198,9 @@ def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization:
     return w
 
 
-def step_work(batch, cfg, training: bool = True, device_type: str = "cpu", compiled: bool = False) -> Work:
+def step_work(batch, cfg, training: bool = True, device_type: str = "cpu") -> Work:
     """FLOPs of one training step of ``batch`` (a `MaskedViews` rank batch) under ``cfg`` (a
-    RunConfig) on a ``device_type`` device, the blocks ``compiled`` or not: its microbatches as
+    RunConfig) on a ``device_type`` device: its microbatches as
     the trainer splits them, forward and backward, plus the optimizer's elementwise work.
     Host-side arithmetic on the masks only (no model run)."""
     tok = as_tokenization(cfg.data.tokenization)
@@ -208,22 +208,22 @@ def step_work(batch, cfg, training: bool = True, device_type: str = "cpu", compi
     for mb in batch.microbatches(cfg.data.rank_microbatch_size):
         layout = TokenLayout.build(mb.data, mb.patch_size, tok, cfg.model.modalities)
         parts.append((layout, torch.stack([layout.token_masks(m) for m in mb.masks])))
-    return _sum_work(parts, cfg, tok, training, device_type, compiled)
+    return _sum_work(parts, cfg, tok, training, device_type)
 
 
-def plan_work(plans, cfg, training: bool = True, device_type: str = "cpu", compiled: bool = False) -> Work:
+def plan_work(plans, cfg, training: bool = True, device_type: str = "cpu") -> Work:
     """`step_work` from the trainer's host plans (`model/plan.py`) of the step's microbatches."""
     parts = [(p.layout, p.masks.view(p.num_views, -1, p.masks.shape[-1])) for p in plans]
-    return _sum_work(parts, cfg, as_tokenization(cfg.data.tokenization), training, device_type, compiled)
+    return _sum_work(parts, cfg, as_tokenization(cfg.data.tokenization), training, device_type)
 
 
-def _sum_work(parts, cfg, tok: TokenizationConfig, training: bool, device_type: str, compiled: bool) -> Work:
+def _sum_work(parts, cfg, tok: TokenizationConfig, training: bool, device_type: str) -> Work:
     mc = cfg.model
     dropout = training and mc.band_dropout_rate > 0
     # the bandset-merge models embed every position (`LatentMIM.forward`)
     only_rows = embeds_only_rows(device_type) and not mc.merge_bandsets
-    # eager training steps of the unmerged models skip dropped encoder branches (`LatentMIM.plan`)
-    skip = mc.drop_path if training and not compiled and not mc.merge_bandsets else 0.0
+    # training steps of the unmerged models skip dropped encoder branches (`LatentMIM.plan`)
+    skip = mc.drop_path if training and not mc.merge_bandsets else 0.0
     total = Work()
     for layout, codes in parts:
         total.add(microbatch_work(layout, codes, mc, tok, cfg.loss.mask_negatives_for_modalities, dropout, training,

@@ -194,7 +194,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         staged, plans = self._stage(batch)
         # host arithmetic while the device works
-        work = perf.plan_work(plans, self.cfg, device_type=self.device.type, compiled=self.compiled)
+        work = perf.plan_work(plans, self.cfg, device_type=self.device.type)
         n = len(staged)
         rng = _torch_rng_state()
         stats = torch.stack(self._accumulate(staged, n))  # [n, 3 + M]

@@ -41,7 +41,7 @@ def main() -> None:
         loader = build_loader(cfg, 0, 1, f"{tmp}/run")
         work = perf.Work()
         for i in range(args.batches):
-            work.add(perf.step_work(loader.make_batch(1, i), cfg, device_type="cuda", compiled=True))
+            work.add(perf.step_work(loader.make_batch(1, i), cfg, device_type="cuda"))
     n = args.batches
     for side in (work.ours, work.ref, work.tokens):
         for k in side:

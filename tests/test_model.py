@@ -94,6 +94,52 @@ def test_host_drawn_drop_path_skips_dropped_samples_with_the_same_result(keep):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_host_drawn_drop_path_skips_in_compiled_blocks():
+    """A compiled block (`trainer.compile`, dynamic shapes) skips the dropped samples' branches as
+    the eager one does: the same values and gradients as the eager multiply path, for draws that
+    keep different numbers of samples and rows, without building a graph per draw."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from olmoearth_fast.model.attention import Block
+    from olmoearth_fast.model.plan import BranchDrop
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    blk = Block(32, 2, 2.0, drop_path=0.5).train()
+    compiled = torch.compile(blk, dynamic=True)
+    seg = _segments([5, 0, 7, 3, 4, 6])
+    seg.host()
+    x = torch.randn(25, 32, requires_grad=True)
+    g = torch.randn(25, 32)
+    graphs = []
+    for keep in ([1, 0, 1, 0, 1, 1], [0, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1], [0, 0, 1, 1, 1, 0]):
+        keep_t = torch.tensor(keep, dtype=torch.bool)
+        skipping = (BranchDrop.from_keep(seg, keep_t, 0.5), BranchDrop.from_keep(seg, ~keep_t, 0.5))
+        assert all(d.rows is not None for d in skipping)
+        multiply = tuple(BranchDrop(d.keep, d.rate) for d in skipping)
+        y = compiled(x, seg, drops=skipping)
+        got = torch.autograd.grad(y, [x, *blk.parameters()], g)
+        want_y = blk(x, seg, drops=multiply)
+        want = torch.autograd.grad(want_y, [x, *blk.parameters()], g)
+        torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[-1] - graphs[1] == 0, graphs  # the graphs of the first draws serve the later ones
+    # and the compiled graph does skip: the kept rows' branch is added back with index_add
+    # (the multiply path has none)
+    captured = []
+
+    def recording(gm, example_inputs):
+        captured.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(blk, backend=recording, dynamic=True)(x, seg, drops=skipping)
+    assert any("index_add" in code for code in captured)
+
+
 def test_host_drawn_drop_path_under_autocast():
     """Under bf16 autocast (the GPU recipe; CPU autocast here) the branch outputs are bf16 and the
     residual stream fp32: the skipping path adds them back in the residual's dtype, with the

@@ -214,11 +214,11 @@ def _residual(x: Tensor, seg: Segments, drop, branch) -> Tensor:
 
     Where some samples drop the branch, it runs on the kept samples' rows only and is added back
     to them: the FLOPs of the dropped samples (a fraction ``rate`` of the branch's work, in
-    expectation) are skipped, values and gradients are the same. Under torch.compile (row
-    counts that change with every draw) and where all or none keep it: the branch on every row,
-    times the per-sample factor, as `drop_path`.
+    expectation) are skipped, values and gradients are the same; compiled blocks too (their shapes
+    are dynamic, so other kept row counts reuse the graph). Where all or none keep it: the branch
+    on every row, times the per-sample factor, as `drop_path`.
     """
-    if torch.compiler.is_compiling() or drop.rows is None:
+    if drop.rows is None:
         return x + drop_path(branch(x, seg), seg, drop.rate, True, drop.keep)
     out = branch(gather_rows(x, drop.rows), drop.seg)
     # the kept samples' factor in the branch output's dtype (bf16 under autocast), as `drop_path`
