@@ -23,10 +23,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__) && !defined(OEF_NO_AVX512)  // -DOEF_NO_AVX512: build without the kernels
-#include <immintrin.h>
-#define OEF_X86 1
-#endif
+#include "avx512_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -63,24 +60,6 @@ void transpose_rows(const float* m, int64_t ld, int64_t n, int64_t lp, float* t)
 }
 
 #ifdef OEF_X86  // the AVX-512 kernels (compiled for any x86-64 host, run where the CPU has them)
-#define OEF_AVX512 __attribute__((target("avx512f,avx512dq,fma")))
-
-// e^x for x <= 0 (scores minus their max): exp2 split, degree-6 polynomial, scalef.
-OEF_AVX512 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // lanes j..j+15 that are keys (< n)
 OEF_AVX512 inline __mmask16 tail_mask(int64_t j, int64_t n) {
@@ -261,13 +240,7 @@ OEF_AVX512 void backward_task(View go, View q, View k, View v, View out, const f
 
 #endif  // OEF_X86
 
-bool available() {
-#ifdef OEF_X86
-  return __builtin_cpu_supports("avx512f");
-#else
-  return false;
-#endif
-}
+bool available() { return cpu_has_avx512(); }
 
 View view_of(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1)}; }
 Out out_of(at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1)}; }

@@ -82,9 +82,11 @@ def test_bad_offsets_are_refused():
         torch.ops.olmoearth_fast.segment_attention_fwd(x, x, x, [0, 6], [0, 6], 0.25)
 
 
-def test_builds_without_the_avx512_kernels(tmp_path):
-    """csrc/segment_attention.cpp compiles where the AVX-512 kernels cannot (aarch64, or
-    -DOEF_NO_AVX512): the op then reports itself unavailable and the wrapper falls back."""
+@pytest.mark.parametrize("source", ["segment_attention.cpp", "bias_gelu.cpp"])
+def test_builds_without_the_avx512_kernels(tmp_path, source):
+    """The C++ files with AVX-512 kernels (csrc/avx512_math.h) compile where the kernels cannot
+    (aarch64, or -DOEF_NO_AVX512): the ops then report themselves unavailable and their
+    wrappers fall back."""
     import shutil
     import subprocess
     import sysconfig
@@ -95,7 +97,7 @@ def test_builds_without_the_avx512_kernels(tmp_path):
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    src = Path(__file__).resolve().parents[1] / "csrc" / "segment_attention.cpp"
+    src = Path(__file__).resolve().parents[1] / "csrc" / source
     cmd = [cxx, "-std=c++20", "-fsyntax-only", "-DOEF_NO_AVX512", *(f"-I{p}" for p in include_paths()),
            f"-I{sysconfig.get_paths()['include']}", str(src)]
     result = subprocess.run(cmd, capture_output=True, text=True)

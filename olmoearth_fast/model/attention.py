@@ -15,7 +15,8 @@ sample ends. Backends, picked per call:
 Never the (Σ len)² of one block-diagonal mask over the whole batch.
 
 Block = pre-norm attention (separate q/k/v Linear with bias) + GELU MLP, each branch with
-per-sample DropPath (one Bernoulli per sample and branch, same rate in every block).
+per-sample DropPath (one Bernoulli per sample and branch, same rate in every block). On CPU (fp32)
+the MLP adds fc1's bias inside the GELU pass (`ops.bias_gelu`, C++), elsewhere Linear → GELU.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from olmoearth_fast.ops import forced_kernels
+from olmoearth_fast.ops.bias_gelu import bias_gelu, uses_kernel
 from olmoearth_fast.ops.packing import gather_rows
 from olmoearth_fast.ops.segment_attention import segment_attention
 
@@ -170,6 +172,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if uses_kernel(x):  # CPU fp32: fc1's bias added in the fused GELU pass (`ops.bias_gelu`)
+            return self.fc2(bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias))
         return self.fc2(F.gelu(self.fc1(x)))
 
 

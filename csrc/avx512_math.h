@@ -1,0 +1,44 @@
+// AVX-512 helpers shared by the CPU kernels (segment_attention.cpp, bias_gelu.cpp).
+//
+// The kernels are compiled for any x86-64 host with a target attribute (no -mavx512f for the
+// whole file) and run only where `cpu_has_avx512()`; elsewhere (no AVX-512F, a non-x86 build, or
+// -DOEF_NO_AVX512) the ops report themselves unavailable and their Python wrappers take the
+// reference paths.
+#pragma once
+
+#if defined(__x86_64__) && !defined(OEF_NO_AVX512)  // -DOEF_NO_AVX512: build without the kernels
+#include <immintrin.h>
+#define OEF_X86 1
+#define OEF_AVX512 __attribute__((target("avx512f,avx512dq,fma")))
+#endif
+
+namespace olmoearth_fast {
+
+inline bool cpu_has_avx512() {
+#ifdef OEF_X86
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+#ifdef OEF_X86
+// e^x for x <= 0 (e.g. scores minus their max): exp2 split, degree-6 polynomial, scalef.
+OEF_AVX512 inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+}  // namespace olmoearth_fast
