@@ -95,8 +95,10 @@ def demo_dataset(tmp_path_factory):
 PROVIDERS = ["ours", "ref_best", "ref"] + (["ours_compiled"] if ON_GPU else [])
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("provider", PROVIDERS)
+# size by size, each size's providers one after the other: what a ratio compares is measured
+# minutes apart at most, not across the whole suite (shared machines drift)
+@pytest.mark.parametrize("provider,size", [(p, s) for s in SIZES for p in PROVIDERS],
+                         ids=[f"{p}-{s}" for s in SIZES for p in PROVIDERS])
 def test_train_step(bench, provider, size, demo_dataset, tmp_path):
     cfg = _config(size, str(tmp_path / "run"), demo_dataset)
     if provider == "ours_compiled":
