@@ -200,9 +200,9 @@ def microbatch_work(layout: TokenLayout, codes: Tensor, model_cfg, tokenization:
 
 def step_work(batch, cfg, training: bool = True, device_type: str = "cpu") -> Work:
     """FLOPs of one training step of ``batch`` (a `MaskedViews` rank batch) under ``cfg`` (a
-    RunConfig) on a ``device_type`` device: its microbatches as
-    the trainer splits them, forward and backward, plus the optimizer's elementwise work.
-    Host-side arithmetic on the masks only (no model run)."""
+    RunConfig) on a ``device_type`` device: its microbatches as the trainer splits them, forward
+    and backward, plus the optimizer's elementwise work. Host-side arithmetic on the masks only
+    (no model run)."""
     tok = as_tokenization(cfg.data.tokenization)
     parts = []
     for mb in batch.microbatches(cfg.data.rank_microbatch_size):

@@ -507,7 +507,7 @@ def embeds_only_rows(device_type: str) -> bool:
 RowsProjection = tuple[Tensor, "Tensor | None", "list[Tensor] | None", Tensor, "Tensor | None"]
 
 
-def _check_rows(x: Tensor, patch_size: int, keeps: list[Tensor] | None, rows: Tensor, view: Tensor | None) -> None:
+def _check_rows(keeps: list[Tensor] | None, rows: Tensor, view: Tensor | None) -> None:
     if rows.dim() != 1 or rows.dtype != torch.long:
         raise ValueError(f"patch_embed_rows: rows must be a 1-D int64 tensor, got {tuple(rows.shape)} {rows.dtype}")
     if keeps is not None and (view is None or view.shape != rows.shape):
@@ -520,7 +520,7 @@ def patch_embed_rows_ref(x: Tensor, projections: list[RowsProjection], patch_siz
     """`patch_embed_rows` as the full embedding of every token, then the rows taken from it."""
     out = []
     for weight, bias, keeps, rows, view in projections:
-        _check_rows(x, patch_size, keeps, rows, view)
+        _check_rows(keeps, rows, view)
         full = [patch_embed(x, weight, bias, patch_size, k, band_index) for k in (keeps or [None])]
         # [B, h, w, T, D] per view → [V, B·T·h·w, D]: rows index (b, t, i, j) of the grid
         grid = torch.stack([f.permute(0, 3, 1, 2, 4).flatten(0, 3) for f in full])
@@ -548,7 +548,7 @@ def patch_embed_rows(x: Tensor, projections: list[RowsProjection], patch_size: i
     if not projections:
         return []
     for weight, bias, keeps, rows, view in projections:
-        _check_rows(x, patch_size, keeps, rows, view)
+        _check_rows(keeps, rows, view)
         for k in keeps or [None]:
             _check_inputs(x, weight, bias, patch_size, k, band_index)
     if _resolve_impl("auto", x) != "ref" or torch.compiler.is_compiling():
