@@ -15,9 +15,11 @@
 // a third of the matmul peak, and the per-segment calls cost Python dispatch and autograd nodes.
 // Here one op call covers every segment and head (parallel over (segment, head) pairs), and the
 // inner loops are AVX-512 register tiles: 4 query rows at a time, keys 32 at a time for
-// Q·Kᵀ (K transposed once per task), head-dim vectors for P·V. Where the CPU lacks AVX-512F (or
-// the build is not x86-64) `available()` is false and olmoearth_fast/ops/segment_attention.py
-// takes its reference path.
+// Q·Kᵀ (K transposed once per task; each row's max taken from the registers), head-dim vectors
+// for P·V. The softmax scale and log2 e fold into one FMA before exp2, so at head dim 16, where
+// the exponentials cost about as much as the products, each score takes one pass after Q·Kᵀ.
+// Where the CPU lacks AVX-512F (or the build is not x86-64) `available()` is false and
+// olmoearth_fast/ops/segment_attention.py takes its reference path.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -33,7 +35,7 @@
 namespace olmoearth_fast {
 namespace {
 
-constexpr int kRows = 4;  // query rows per register tile
+constexpr int kRows = 4;  // query rows per register tile (8 measured slower at every head dim)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct View {  // a [T, H, d] fp32 tensor: row and head strides in floats, last dim contiguous
@@ -61,80 +63,101 @@ void transpose_rows(const float* m, int64_t ld, int64_t n, int64_t lp, float* t)
 
 #ifdef OEF_X86  // the AVX-512 kernels (compiled for any x86-64 host, run where the CPU has them)
 
-// lanes j..j+15 that are keys (< n)
+// Each tile of NR query rows runs through helpers templated on (D, NR): the row loops unroll
+// without per-row branches. A task's full tiles take kRows rows, its last few rows one at a time.
+
+// lanes j..j+15 that are keys (< n); j < n
 OEF_AVX512 inline __mmask16 tail_mask(int64_t j, int64_t n) {
   return j + 16 <= n ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
 }
 
-// s[r][j] = scale · Σ_c a_r[c] · bt[c][j] for nr (<= 4) rows a_r (stride lda) against the
-// transposed [D][lp] matrix bt (lp a multiple of 16, zero padded): keys 16 at a time.
-template <int D>
-OEF_AVX512 void rows_times_bt(const float* const* a, int nr, const float* bt, int64_t lp, float scale, float* s) {
+OEF_AVX512 inline float dot(const float* a, const float* b, int d) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int c = 0; c < d; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+OEF_AVX512 inline void scale_row(float* x, int d, float f) {
+  for (int c = 0; c < d; c += 16) _mm512_storeu_ps(x + c, _mm512_mul_ps(_mm512_loadu_ps(x + c), _mm512_set1_ps(f)));
+}
+
+// s[r][j] = Σ_c a_r[c] · bt[c][j] for NR rows a_r against the transposed [D][lp] matrix bt (lp a
+// multiple of 16, zero padded past the nk keys): keys 32 at a time, then 16. With kMax, also
+// mx[r] = max over the nk keys of s[r][·] (taken from the registers: no second pass).
+template <int D, int NR, bool kMax>
+OEF_AVX512 void rows_times_bt(const float* const* a, const float* bt, int64_t lp, int64_t nk, float* s, float* mx) {
+  __m512 m[NR];
+  for (int r = 0; r < NR; ++r) m[r] = _mm512_set1_ps(kNegInf);
   int64_t j = 0;
   for (; j + 32 <= lp; j += 32) {  // 32 keys a step: each broadcast feeds two FMAs
-    __m512 acc[kRows][2];
-    for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    __m512 acc[NR][2];
+    for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int c = 0; c < D; ++c) {
       const __m512 b0 = _mm512_loadu_ps(bt + c * lp + j), b1 = _mm512_loadu_ps(bt + c * lp + j + 16);
-      for (int r = 0; r < kRows; ++r)
-        if (r < nr) {
-          const __m512 ar = _mm512_set1_ps(a[r][c]);
-          acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
-          acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
-        }
+      for (int r = 0; r < NR; ++r) {
+        const __m512 ar = _mm512_set1_ps(a[r][c]);
+        acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
+      }
     }
-    for (int r = 0; r < nr; ++r) {
-      _mm512_storeu_ps(s + r * lp + j, _mm512_mul_ps(acc[r][0], _mm512_set1_ps(scale)));
-      _mm512_storeu_ps(s + r * lp + j + 16, _mm512_mul_ps(acc[r][1], _mm512_set1_ps(scale)));
+    for (int r = 0; r < NR; ++r) {
+      _mm512_storeu_ps(s + r * lp + j, acc[r][0]);
+      _mm512_storeu_ps(s + r * lp + j + 16, acc[r][1]);
+      if (kMax) {  // j + 16 < nk here (lp < nk + 16)
+        m[r] = _mm512_mask_max_ps(m[r], tail_mask(j, nk), m[r], acc[r][0]);
+        m[r] = _mm512_mask_max_ps(m[r], tail_mask(j + 16, nk), m[r], acc[r][1]);
+      }
     }
   }
   for (; j < lp; j += 16) {
-    __m512 acc[kRows];
-    for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+    __m512 acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
     for (int c = 0; c < D; ++c) {
       const __m512 b = _mm512_loadu_ps(bt + c * lp + j);
-      for (int r = 0; r < kRows; ++r)
-        if (r < nr) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r][c]), b, acc[r]);
+      for (int r = 0; r < NR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r][c]), b, acc[r]);
     }
-    for (int r = 0; r < nr; ++r) _mm512_storeu_ps(s + r * lp + j, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+    for (int r = 0; r < NR; ++r) {
+      _mm512_storeu_ps(s + r * lp + j, acc[r]);
+      if (kMax) m[r] = _mm512_mask_max_ps(m[r], tail_mask(j, nk), m[r], acc[r]);
+    }
   }
+  if (kMax)
+    for (int r = 0; r < NR; ++r) mx[r] = _mm512_reduce_max_ps(m[r]);
 }
 
 // o_r[:] = Σ_j w[r][j] · m[j][:] for j < n (m rows of D floats at stride ldm), into o (D each).
-template <int D>
-OEF_AVX512 void weights_times_rows(const float* w, int64_t lp, int nr, const float* m, int64_t ldm, int64_t n,
+template <int D, int NR>
+OEF_AVX512 void weights_times_rows(const float* w, int64_t lp, const float* m, int64_t ldm, int64_t n,
                                    float* const* o) {
   constexpr int V = D / 16;
-  __m512 acc[kRows][V];
-  for (int r = 0; r < kRows; ++r)
+  __m512 acc[NR][V];
+  for (int r = 0; r < NR; ++r)
     for (int c = 0; c < V; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
     const float* row = m + j * ldm;
     __m512 mv[V];
     for (int c = 0; c < V; ++c) mv[c] = _mm512_loadu_ps(row + 16 * c);
-    for (int r = 0; r < kRows; ++r) {
-      if (r >= nr) break;
+    for (int r = 0; r < NR; ++r) {
       const __m512 wr = _mm512_set1_ps(w[r * lp + j]);
       for (int c = 0; c < V; ++c) acc[r][c] = _mm512_fmadd_ps(wr, mv[c], acc[r][c]);
     }
   }
-  for (int r = 0; r < nr; ++r)
+  for (int r = 0; r < NR; ++r)
     for (int c = 0; c < V; ++c) _mm512_storeu_ps(o[r] + 16 * c, acc[r][c]);
 }
 
-// acc[j][:] += Σ_r w[r][j] · x_r[:] for j < n: rank-nr update of a [n][D] accumulator.
-template <int D>
-OEF_AVX512 void accumulate_outer(const float* w, int64_t lp, int nr, const float* const* x, int64_t n, float* acc) {
+// acc[j][:] += Σ_r w[r][j] · x_r[:] for j < n: rank-NR update of a [n][D] accumulator.
+template <int D, int NR>
+OEF_AVX512 void accumulate_outer(const float* w, int64_t lp, const float* const* x, int64_t n, float* acc) {
   constexpr int V = D / 16;
-  __m512 xv[kRows][V];
-  for (int r = 0; r < nr; ++r)
+  __m512 xv[NR][V];
+  for (int r = 0; r < NR; ++r)
     for (int c = 0; c < V; ++c) xv[r][c] = _mm512_loadu_ps(x[r] + 16 * c);
   for (int64_t j = 0; j < n; ++j) {
     float* row = acc + j * D;
     __m512 a[V];
     for (int c = 0; c < V; ++c) a[c] = _mm512_loadu_ps(row + 16 * c);
-    for (int r = 0; r < kRows; ++r) {
-      if (r >= nr) break;
+    for (int r = 0; r < NR; ++r) {
       const __m512 wr = _mm512_set1_ps(w[r * lp + j]);
       for (int c = 0; c < V; ++c) a[c] = _mm512_fmadd_ps(wr, xv[r][c], a[c]);
     }
@@ -142,100 +165,135 @@ OEF_AVX512 void accumulate_outer(const float* w, int64_t lp, int nr, const float
   }
 }
 
+// What the tiles of one (segment, head) share: its inputs, outputs and buffers.
+template <int D>
+struct TaskData {
+  View q, k, v;
+  int64_t h, q0, k0, nk, lp;
+  float scale;  // softmax scale; probabilities are exp2(raw·scale·log2 e − ...): one FMA before exp2
+  const float* kt;  // Kᵀ [D][lp]
+  float* s;  // scores, kRows × lp
+};
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+// Forward of query rows i..i+NR: raw scores and their max, unnormalised weights e and their sum
+// (lse = scale·max + log Σ e), out = (e · V) / Σ e.
+template <int D, int NR>
+OEF_AVX512 void forward_tile(const TaskData<D>& t, Out out, float* lse, int64_t lse_row, int64_t i) {
+  const float* rows[NR];
+  float* dst[NR];
+  for (int r = 0; r < NR; ++r) {
+    rows[r] = t.q.at(t.q0 + i + r, t.h);
+    dst[r] = out.at(t.q0 + i + r, t.h);
+  }
+  float mx[NR], inv[NR];
+  rows_times_bt<D, NR, true>(rows, t.kt, t.lp, t.nk, t.s, mx);
+  const __m512 c = _mm512_set1_ps(t.scale * kLog2e);
+  for (int r = 0; r < NR; ++r) {
+    float* sr = t.s + r * t.lp;
+    const __m512 mc = _mm512_set1_ps(mx[r] * t.scale * kLog2e);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < t.lp; j += 16) {
+      const __m512 e = _mm512_maskz_mov_ps(tail_mask(j, t.nk), exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), c, mc)));
+      sum = _mm512_add_ps(sum, e);
+      _mm512_storeu_ps(sr + j, e);
+    }
+    const float l = _mm512_reduce_add_ps(sum);
+    inv[r] = 1.0f / l;
+    lse[(t.q0 + i + r) * lse_row + t.h] = mx[r] * t.scale + std::log(l);
+  }
+  // unnormalised weights, the 1/Σ applied to the D outputs of each row instead of to its keys
+  weights_times_rows<D, NR>(t.s, t.lp, t.v.at(t.k0, t.h), t.v.row, t.nk, dst);
+  for (int r = 0; r < NR; ++r) scale_row(dst[r], D, inv[r]);
+}
+
 // Forward of one (segment, head): queries q0..q0+nq, keys k0..k0+nk (nk > 0).
 template <int D>
 OEF_AVX512 void forward_task(View q, View k, View v, Out out, float* lse, int64_t lse_row, int64_t h, int64_t q0,
                              int64_t nq, int64_t k0, int64_t nk, float scale) {
+  constexpr int R = kRows;
   const int64_t lp = (nk + 15) / 16 * 16;
-  std::vector<float> kt(D * lp), s(kRows * lp);
+  std::vector<float> kt(D * lp), s(R * lp);
   transpose_rows<D>(k.at(k0, h), k.row, nk, lp, kt.data());
-  for (int64_t i = 0; i < nq; i += kRows) {
-    const int nr = static_cast<int>(std::min<int64_t>(kRows, nq - i));
-    const float* rows[kRows];
-    float* dst[kRows];
-    for (int r = 0; r < nr; ++r) {
-      rows[r] = q.at(q0 + i + r, h);
-      dst[r] = out.at(q0 + i + r, h);
-    }
-    rows_times_bt<D>(rows, nr, kt.data(), lp, scale, s.data());
-    float inv[kRows];
-    for (int r = 0; r < nr; ++r) {
-      float* sr = s.data() + r * lp;
-      __m512 mx = _mm512_set1_ps(kNegInf);
-      for (int64_t j = 0; j < lp; j += 16)
-        mx = _mm512_mask_max_ps(mx, tail_mask(j, nk), mx, _mm512_loadu_ps(sr + j));
-      const float m = _mm512_reduce_max_ps(mx);
-      const __m512 mv = _mm512_set1_ps(m);
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t j = 0; j < lp; j += 16) {
-        const __m512 e = _mm512_maskz_mov_ps(tail_mask(j, nk), exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mv)));
-        sum = _mm512_add_ps(sum, e);
-        _mm512_storeu_ps(sr + j, e);
-      }
-      const float l = _mm512_reduce_add_ps(sum);
-      inv[r] = 1.0f / l;
-      lse[(q0 + i + r) * lse_row + h] = m + std::log(l);
-    }
-    // unnormalised weights, the 1/Σ applied to the D outputs of each row instead of to its keys
-    weights_times_rows<D>(s.data(), lp, nr, v.at(k0, h), v.row, nk, dst);
-    for (int r = 0; r < nr; ++r)
-      for (int c = 0; c < D; c += 16)
-        _mm512_storeu_ps(dst[r] + c, _mm512_mul_ps(_mm512_loadu_ps(dst[r] + c), _mm512_set1_ps(inv[r])));
+  const TaskData<D> t{q, k, v, h, q0, k0, nk, lp, scale, kt.data(), s.data()};
+  int64_t i = 0;
+  for (; i + R <= nq; i += R) forward_tile<D, R>(t, out, lse, lse_row, i);
+  for (; i < nq; ++i) forward_tile<D, 1>(t, out, lse, lse_row, i);
+}
+
+// What the backward tiles of one (segment, head) share besides TaskData.
+template <int D>
+struct BackwardData {
+  View go, out;
+  const float* lse;
+  int64_t lse_row;
+  Out dq;
+  const float* vt;  // Vᵀ [D][lp]
+  float* dp;  // dP, then dS, kRows × lp
+  float* qs;  // the tile's query rows × scale, kRows × D
+  float* dk_acc;  // [nk][D]
+  float* dv_acc;  // [nk][D]
+};
+
+// Backward of query rows i..i+NR: P recomputed from lse, dS = P ∘ (dO·Vᵀ − Σ dO·O),
+// dV += Pᵀ·dO, dQ = scale · dS·K, dK += scale · dSᵀ·Q.
+template <int D, int NR>
+OEF_AVX512 void backward_tile(const TaskData<D>& t, const BackwardData<D>& b, int64_t i) {
+  const float* qr[NR];
+  const float* gr[NR];
+  const float* qsr[NR];
+  float* dqr[NR];
+  float delta[NR];
+  for (int r = 0; r < NR; ++r) {
+    const int64_t row = t.q0 + i + r;
+    qr[r] = t.q.at(row, t.h);
+    gr[r] = b.go.at(row, t.h);
+    dqr[r] = b.dq.at(row, t.h);
+    delta[r] = dot(gr[r], b.out.at(row, t.h), D);  // Σ dO·O of the row
+    float* qs = b.qs + r * D;
+    for (int c = 0; c < D; c += 16) _mm512_storeu_ps(qs + c, _mm512_mul_ps(_mm512_loadu_ps(qr[r] + c), _mm512_set1_ps(t.scale)));
+    qsr[r] = qs;
   }
+  rows_times_bt<D, NR, false>(qr, t.kt, t.lp, t.nk, t.s, nullptr);  // raw scores
+  rows_times_bt<D, NR, false>(gr, b.vt, t.lp, t.nk, b.dp, nullptr);  // dP = dO · Vᵀ
+  const __m512 c = _mm512_set1_ps(t.scale * kLog2e);
+  for (int r = 0; r < NR; ++r) {
+    float* pr = t.s + r * t.lp;
+    float* dpr = b.dp + r * t.lp;
+    const __m512 lc = _mm512_set1_ps(b.lse[(t.q0 + i + r) * b.lse_row + t.h] * kLog2e);
+    const __m512 dl = _mm512_set1_ps(delta[r]);
+    for (int64_t j = 0; j < t.lp; j += 16) {
+      const __m512 e = _mm512_maskz_mov_ps(tail_mask(j, t.nk), exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(pr + j), c, lc)));
+      _mm512_storeu_ps(pr + j, e);
+      _mm512_storeu_ps(dpr + j, _mm512_mul_ps(e, _mm512_sub_ps(_mm512_loadu_ps(dpr + j), dl)));  // dS
+    }
+  }
+  accumulate_outer<D, NR>(t.s, t.lp, gr, t.nk, b.dv_acc);  // dV += Pᵀ · dO
+  weights_times_rows<D, NR>(b.dp, t.lp, t.k.at(t.k0, t.h), t.k.row, t.nk, dqr);  // dQ = dS · K (× scale below)
+  for (int r = 0; r < NR; ++r) scale_row(dqr[r], D, t.scale);
+  accumulate_outer<D, NR>(b.dp, t.lp, qsr, t.nk, b.dk_acc);  // dK += dSᵀ · Q · scale
 }
 
 // Backward of one (segment, head). dk / dv rows of this segment and head are written here only.
 template <int D>
 OEF_AVX512 void backward_task(View go, View q, View k, View v, View out, const float* lse, int64_t lse_row, Out dq,
                               Out dk, Out dv, int64_t h, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float scale) {
+  constexpr int R = kRows;
   const int64_t lp = (nk + 15) / 16 * 16;
-  std::vector<float> kt(D * lp), vt(D * lp), p(kRows * lp), dp(kRows * lp), dk_acc(nk * D, 0.0f),
-      dv_acc(nk * D, 0.0f), qs(kRows * D);
+  std::vector<float> kt(D * lp), vt(D * lp), p(R * lp), dp(R * lp), dk_acc(nk * D, 0.0f), dv_acc(nk * D, 0.0f),
+      qs(R * D);
   transpose_rows<D>(k.at(k0, h), k.row, nk, lp, kt.data());
   transpose_rows<D>(v.at(k0, h), v.row, nk, lp, vt.data());
-  for (int64_t i = 0; i < nq; i += kRows) {
-    const int nr = static_cast<int>(std::min<int64_t>(kRows, nq - i));
-    const float* qr[kRows];
-    const float* gr[kRows];
-    const float* qsr[kRows];
-    float* dqr[kRows];
-    float delta[kRows];
-    for (int r = 0; r < nr; ++r) {
-      const int64_t t = q0 + i + r;
-      qr[r] = q.at(t, h);
-      gr[r] = go.at(t, h);
-      dqr[r] = dq.at(t, h);
-      float d = 0.0f;  // Σ dO·O of the row
-      for (int c = 0; c < D; ++c) d += gr[r][c] * out.at(t, h)[c];
-      delta[r] = d;
-      for (int c = 0; c < D; ++c) qs[r * D + c] = qr[r][c] * scale;
-      qsr[r] = qs.data() + r * D;
-    }
-    rows_times_bt<D>(qr, nr, kt.data(), lp, scale, p.data());  // scores
-    rows_times_bt<D>(gr, nr, vt.data(), lp, 1.0f, dp.data());  // dP = dO · Vᵀ
-    for (int r = 0; r < nr; ++r) {
-      float* pr = p.data() + r * lp;
-      float* dpr = dp.data() + r * lp;
-      const __m512 lv = _mm512_set1_ps(lse[(q0 + i + r) * lse_row + h]);
-      const __m512 dv_ = _mm512_set1_ps(delta[r]);
-      for (int64_t j = 0; j < lp; j += 16) {
-        const __m512 e = _mm512_maskz_mov_ps(tail_mask(j, nk), exp512(_mm512_sub_ps(_mm512_loadu_ps(pr + j), lv)));
-        _mm512_storeu_ps(pr + j, e);
-        // dS = P ∘ (dP − δ)
-        _mm512_storeu_ps(dpr + j, _mm512_mul_ps(e, _mm512_sub_ps(_mm512_loadu_ps(dpr + j), dv_)));
-      }
-    }
-    accumulate_outer<D>(p.data(), lp, nr, gr, nk, dv_acc.data());    // dV += Pᵀ · dO
-    weights_times_rows<D>(dp.data(), lp, nr, k.at(k0, h), k.row, nk, dqr);  // dQ = dS · K (× scale below)
-    for (int r = 0; r < nr; ++r)
-      for (int c = 0; c < D; ++c) dqr[r][c] *= scale;
-    accumulate_outer<D>(dp.data(), lp, nr, qsr, nk, dk_acc.data());  // dK += dSᵀ · Q · scale
+  const TaskData<D> t{q, k, v, h, q0, k0, nk, lp, scale, kt.data(), p.data()};
+  const BackwardData<D> b{go, out, lse, lse_row, dq, vt.data(), dp.data(), qs.data(), dk_acc.data(), dv_acc.data()};
+  int64_t i = 0;
+  for (; i + R <= nq; i += R) backward_tile<D, R>(t, b, i);
+  for (; i < nq; ++i) backward_tile<D, 1>(t, b, i);
+  for (int64_t j = 0; j < nk; ++j) {
+    std::copy_n(dk_acc.data() + j * D, D, dk.at(k0 + j, h));
+    std::copy_n(dv_acc.data() + j * D, D, dv.at(k0 + j, h));
   }
-  for (int64_t j = 0; j < nk; ++j)
-    for (int c = 0; c < D; ++c) {
-      dk.at(k0 + j, h)[c] = dk_acc[j * D + c];
-      dv.at(k0 + j, h)[c] = dv_acc[j * D + c];
-    }
 }
 
 #endif  // OEF_X86

@@ -52,6 +52,24 @@ def test_kernel_equals_reference(q_lens, k_lens, heads, dim, strided):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dim", [16, 64])
+def test_peaked_scores(dim):
+    """Scores spanning hundreds of units: most weights underflow to 0 (exp2 of very negative
+    arguments, no clamp), one key per row dominates; values and gradients stay finite and equal."""
+    qkv, q, k, v, grad, q_cu, k_cu = _case([40, 7], [33, 50], 2, dim, seed=1)
+    with torch.no_grad():
+        qkv.mul_(12.0)
+        k.mul_(12.0)
+    got = sa.segment_attention(q, k, v, q_cu, k_cu)
+    want = sa.segment_attention_ref(q, k, v, q_cu, k_cu)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    for a, b in zip(torch.autograd.grad(got, [qkv, k, v], grad), torch.autograd.grad(want, [qkv, k, v], grad)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 def test_samples_without_keys_get_zeros():
     qkv, q, k, v, grad, q_cu, k_cu = _case([3, 4], [0, 5], 2, 16)
     out = sa.segment_attention(q, k, v, q_cu, k_cu)
