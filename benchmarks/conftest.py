@@ -9,6 +9,9 @@ Every benchmark goes through the `bench` fixture:
   never under-counted; inputs are created by the benchmark, never all zeros. On CUDA, before
   every round (untimed, synchronised) a 256 MiB buffer is overwritten, which evicts the L2
   cache (50-60 MB on H100/H200), so no round reads its inputs from the previous round's cache.
+* `bench.paired({provider: fn, ...}, group=..., rounds=...)` times several providers
+  interleaved, one call of each per round (the order reversed every other round), for ratios
+  that a drifting machine cannot skew; each provider gets its own record.
 * Each record carries provenance (device, torch/triton versions, git SHA, date) and the
   keyword arguments (shapes, dtype) in `extra_info`, so `--benchmark-json` is self-describing.
 * At the end of the session a table prints, per group, every provider's median and its
@@ -28,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 
@@ -150,6 +154,55 @@ def bench(benchmark, request):
                 reporter.write_line(line)
         return stats.median
 
+    def paired(fns: dict, *, group: str, rounds: int, warmup: int = 1, flops: dict | None = None, **info):
+        """Time the providers ``fns`` ({provider: fn}) interleaved: each round calls every one
+        once (the order reversed every other round), so a drifting machine (shared VMs) slows
+        them alike and their ratio holds; pytest-benchmark times the whole round. Each provider
+        gets a record like `run`'s (median over rounds; FLOP/s from ``flops[provider]``) and
+        the median of the per-round ratios to the first provider."""
+        names = list(fns)
+        for name in names:
+            for _ in range(warmup):
+                fns[name]()
+                _sync()
+        times: dict[str, list[float]] = {n: [] for n in names}
+
+        def one_round():
+            order = names if len(times[names[0]]) % 2 == 0 else names[::-1]
+            for n in order:
+                t0 = time.perf_counter()
+                fns[n]()
+                _sync()
+                times[n].append(time.perf_counter() - t0)
+
+        benchmark.group = group
+        benchmark.extra_info.update(PROVENANCE)
+        benchmark.extra_info.update({"provider": "+".join(names), "paired": True, **info})
+        benchmark.pedantic(one_round, setup=_flush_l2, rounds=rounds, iterations=1)
+        medians, per_round = {}, {}
+        for n in names:
+            med = statistics.median(times[n])
+            per_round[n] = statistics.median(a / b for a, b in zip(times[n], times[names[0]]))
+            f = (flops or {}).get(n)
+            flop_s = f / med if f else None
+            _RESULTS.append({"group": group, "provider": n, "median_s": med, "min_s": min(times[n]), "rounds": rounds,
+                             "peak_bytes": None, "min_bytes_gbps": None, "flop_s": flop_s,
+                             "peak_fraction": flop_s / _device_peak()[0] if flop_s else None,
+                             "device_peak_flop_s": _device_peak()[0] if flop_s else None,
+                             "paired_with": names, "round_ratio_median": per_round[n],
+                             **info, **({"flops": f} if f else {})})
+            medians[n] = med
+        line = (f"bench: {group} | interleaved over {rounds} rounds: "
+                + ", ".join(f"{n} median {medians[n] * 1e3:.3f} ms" for n in names) + "; per-round time / "
+                + f"{names[0]}'s: " + ", ".join(f"{n} {per_round[n]:.3f}" for n in names[1:]))
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.ensure_newline()
+                reporter.write_line(line)
+        _write_results()
+        return medians
+
+    run.paired = paired
     return run
 
 

@@ -1,0 +1,52 @@
+"""The benchmark harness (benchmarks/conftest.py): interleaved timing of several providers
+(`bench.paired`) gives each provider its own record, alternates their order, and its ratios
+follow the providers' real costs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+FAKE = '''
+import json, os, time
+
+def test_fake_paired(bench):
+    calls = []
+
+    def work(name, seconds):
+        def fn():
+            calls.append(name)
+            time.sleep(seconds)
+        return fn
+
+    medians = bench.paired({"fast": work("fast", 0.01), "slow": work("slow", 0.03)}, group="fake", rounds=4,
+                           flops={"fast": 1e9, "slow": 1e9}, note="x")
+    with open(os.environ["CALLS_OUT"], "w") as f:
+        json.dump({"calls": calls, "medians": medians}, f)
+'''
+
+
+def test_paired_timing(tmp_path):
+    shutil.copy(BENCH / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "bench_fake.py").write_text(FAKE)
+    env = dict(os.environ, OLMOEARTH_BENCH_LAST_RUN=str(tmp_path / "run.json"), CALLS_OUT=str(tmp_path / "calls.json"),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+                           "-o", "python_files=bench_*.py", "--rootdir", str(tmp_path), str(tmp_path / "bench_fake.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "interleaved over 4 rounds" in done.stdout
+    calls = json.loads((tmp_path / "calls.json").read_text())
+    # one warm-up call each, then rounds in alternating order
+    assert calls["calls"] == ["fast", "slow"] + ["fast", "slow", "slow", "fast"] * 2
+    records = {r["provider"]: r for r in json.loads((tmp_path / "run.json").read_text())["results"]}
+    assert set(records) == {"fast", "slow"}
+    assert records["slow"]["median_s"] >= 0.03 and records["fast"]["median_s"] >= 0.01
+    assert 1.5 < records["slow"]["round_ratio_median"] < 4.5
+    assert records["fast"]["speedup_vs_ref_best"] is None and records["fast"]["note"] == "x"
+    assert records["fast"]["flop_s"] == 1e9 / records["fast"]["median_s"]
+    assert calls["medians"]["slow"] == records["slow"]["median_s"]
