@@ -22,6 +22,8 @@ from olmoearth_fast.ops.patch_embed import (
     patch_embed_effective,
     patch_embed_multi,
     patch_embed_ref,
+    patch_embed_rows,
+    patch_embed_rows_ref,
 )
 from olmoearth_fast.ops.patch_embed_plan import (
     aa_bicubic_matrix,
@@ -369,6 +371,43 @@ def test_multi_shares_the_resize_exactly(p):
     for a, e in zip(g_got, g_want):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
     assert not got[2].requires_grad
+
+
+@pytest.mark.parametrize("missing", [False, True])
+@pytest.mark.parametrize("p", range(1, 9))
+def test_rows_equal_the_full_embedding_at_those_rows(p, missing):
+    """`patch_embed_rows` on CPU (one resize, each row's patch gathered, one GEMM) equals the
+    full embedding taken at the rows: two views with their own keeps (rows in any order,
+    repeated, every border token), the frozen target at other rows, an empty projection; values
+    and weight/bias gradients. With a missing pixel (-99999) the polluted tokens are ~1e3 and
+    the bound scales with them."""
+    g = torch.Generator().manual_seed(100 + p)
+    B, h, w, T = 3, 3, 4, 2
+    x = torch.randn(B, h * p, w * p, T, 7, generator=g)
+    if missing:
+        x[1, 0, p, 0, :] = MISSING
+    bi = torch.tensor([6, 0, 2, 3])
+    n_grid = B * T * h * w
+    rows = torch.cat([torch.randperm(n_grid, generator=g), torch.randint(0, n_grid, (9,), generator=g)])
+    online = ((torch.randn(8, 4, 8, 8, generator=g) * 0.05).requires_grad_(),
+              torch.randn(8, generator=g).requires_grad_(),
+              [band_dropout_keep(B, 4, 0.5, generator=g) for _ in range(2)], rows,
+              torch.randint(0, 2, rows.shape, generator=g))
+    target = (torch.randn(8, 4, 8, 8, generator=g) * 0.05, torch.randn(8, generator=g),
+              None, torch.randint(0, n_grid, (11,), generator=g), None)
+    empty = (torch.randn(8, 4, 8, 8, generator=g), None, None, torch.zeros(0, dtype=torch.long), None)
+    got = patch_embed_rows(x, [online, target, empty], p, bi)
+    want = patch_embed_rows_ref(x, [online, target, empty], p, bi)
+    for a, e in zip(got, want):
+        assert a.shape == e.shape
+        scale = float(e.detach().abs().max()) if missing and e.numel() else 1e-1
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * scale)
+    cot = torch.randn(got[0].shape, generator=g)
+    g_got = torch.autograd.grad((got[0] * cot).sum(), online[:2])
+    g_want = torch.autograd.grad((want[0] * cot).sum(), online[:2])
+    for a, e in zip(g_got, g_want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
+    assert not got[1].requires_grad and got[2].shape == (0, 8)
 
 
 def test_multi_validates_every_projection():
