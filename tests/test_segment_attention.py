@@ -100,7 +100,7 @@ def test_bad_offsets_are_refused():
         torch.ops.olmoearth_fast.segment_attention_fwd(x, x, x, [0, 6], [0, 6], 0.25)
 
 
-@pytest.mark.parametrize("source", ["segment_attention.cpp", "bias_gelu.cpp"])
+@pytest.mark.parametrize("source", ["segment_attention.cpp", "bias_gelu.cpp", "resize_patches.cpp"])
 def test_builds_without_the_avx512_kernels(tmp_path, source):
     """The C++ files with AVX-512 kernels (csrc/avx512_math.h) compile where the kernels cannot
     (aarch64, or -DOEF_NO_AVX512): the ops then report themselves unavailable and their

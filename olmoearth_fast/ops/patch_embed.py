@@ -53,6 +53,7 @@ from olmoearth_fast.ops.patch_embed_plan import (
     effective_weight_grad,
     effective_weights,
 )
+from olmoearth_fast.ops.resize_patches import resize_images, resize_patches
 
 __all__ = [
     "embeds_only_rows",
@@ -149,13 +150,7 @@ def _gather_drop_resize(
     B, H, W, T, C = x.shape
     x = x.permute(0, 3, 4, 1, 2).reshape(B * T, C, H, W)
     if patch_size != base:
-        size = (H // patch_size * base, W // patch_size * base)
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-            # PyTorch's CPU antialiased bicubic has no half kernels; CUDA's computes in fp32
-            # and rounds the output, which this reproduces.
-            x = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True).to(x.dtype)
-        else:
-            x = F.interpolate(x, size=size, mode="bicubic", antialias=True)
+        x = resize_images(x, (H // patch_size * base, W // patch_size * base))
     return x
 
 
@@ -538,9 +533,10 @@ def patch_embed_rows(x: Tensor, projections: list[RowsProjection], patch_size: i
     one ``[B, C]`` multiplier per view, and then ``view [n]`` says which view's keep row ``r``
     uses. Returns one ``[n, D]`` tensor per projection, gradients to weight and bias only.
 
-    On eager CPU only those tokens are computed: the gathered image is resized once for all
-    projections, each row's 8×8×C patch is gathered from it, multiplied by its keep factors
-    (resize(x·keep) = resize(x)·keep, `patch_embed_multi`) and projected by one GEMM; a training
+    On eager CPU only those tokens are computed: the bands are resized once for all projections
+    into one row per token (`ops.resize_patches`, the token's 8×8×C pixels), each projection
+    gathers its rows, multiplies them by its keep factors (resize(x·keep) = resize(x)·keep,
+    `patch_embed_multi`) and projects them by one GEMM; a training
     step embeds its ONLINE tokens and the target at its DECODER positions, a fifth to a quarter
     of the positions. Elsewhere (CUDA: the fused kernel embeds every token in one pass;
     torch.compile) it is `patch_embed_rows_ref`.
@@ -558,19 +554,16 @@ def patch_embed_rows(x: Tensor, projections: list[RowsProjection], patch_size: i
         raise ValueError("patch_embed_rows: every weight must have the same kernel size, got "
                          f"{[tuple(p[0].shape) for p in projections]}")
     with no_autocast(x.device):  # computes in x.dtype, as patch_embed does
-        B, T = x.shape[0], x.shape[3]
-        img = _gather_drop_resize(x.detach(), patch_size, base, None, band_index)  # [(B T), C, H', W']
-        C, h, w = img.shape[1], img.shape[2] // base, img.shape[3] // base
-        patches = img.view(B * T, C, h, base, w, base)
+        T, h, w = x.shape[3], x.shape[1] // patch_size, x.shape[2] // patch_size
+        patches = resize_patches(x.detach(), band_index, patch_size, base)  # [(B T h w), base·base·C]
+        C = patches.shape[1] // (base * base)
         out = []
         for weight, bias, keeps, rows, view in projections:
-            bt, ij = rows // (h * w), rows % (h * w)
-            # advanced indices on dims 0, 2, 4 with slices between: [n, C, base, base]
-            p = patches[bt, :, ij // w, :, ij % w, :].reshape(rows.shape[0], C, base * base)
+            p = patches.index_select(0, rows)  # pixel-major, bands innermost
             if keeps is not None:
-                keep = torch.stack([k.detach() for k in keeps]).to(img.dtype)  # [V, B, C]
-                p = p * keep[view, bt // T][:, :, None]
-            y = F.linear(p.reshape(rows.shape[0], C * base * base), weight.to(x.dtype).flatten(1),
+                keep = torch.stack([k.detach() for k in keeps]).to(p.dtype)  # [V, B, C]
+                p = (p.view(-1, base * base, C) * keep[view, rows // (T * h * w)][:, None, :]).view(p.shape)
+            y = F.linear(p, weight.to(x.dtype).permute(0, 2, 3, 1).reshape(weight.shape[0], -1),
                          None if bias is None else bias.to(x.dtype))
             out.append(y)
         return out
