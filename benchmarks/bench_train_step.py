@@ -155,7 +155,8 @@ def test_train_step_paired(bench, size, demo_dataset, tmp_path):
     ref, ref_flops, _ = _setup("ref_best", size, demo_dataset, tmp_path)
     medians = bench.paired({"ours": ours, "ref_best": ref}, rounds=_rounds(size) or 5,
                            flops={"ours": ours_flops, "ref_best": ref_flops}, work_ratio=ratio, **_info(size))
-    print(f"ours {size}: {_batch(size)[0] / medians['ours']:.1f} samples/s, {medians['ref_best'] / medians['ours']:.2f}x ref_best")
+    print(f"ours {size}: {_batch(size)[0] / medians['ours']:.1f} samples/s, "
+          f"{medians['ref_best'] / medians['ours']:.2f}x ref_best")
 
 
 # size by size, each size's providers one after the other: what a ratio compares is measured

@@ -35,9 +35,9 @@ def test_paired_timing(tmp_path):
     (tmp_path / "bench_fake.py").write_text(FAKE)
     env = dict(os.environ, OLMOEARTH_BENCH_LAST_RUN=str(tmp_path / "run.json"), CALLS_OUT=str(tmp_path / "calls.json"),
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
-                           "-o", "python_files=bench_*.py", "--rootdir", str(tmp_path), str(tmp_path / "bench_fake.py")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+           "-o", "python_files=bench_*.py", "--rootdir", str(tmp_path), str(tmp_path / "bench_fake.py")]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "interleaved over 4 rounds" in done.stdout
     calls = json.loads((tmp_path / "calls.json").read_text())

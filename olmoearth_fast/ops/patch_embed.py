@@ -536,10 +536,10 @@ def patch_embed_rows(x: Tensor, projections: list[RowsProjection], patch_size: i
     On eager CPU only those tokens are computed: the bands are resized once for all projections
     into one row per token (`ops.resize_patches`, the token's 8×8×C pixels), each projection
     gathers its rows, multiplies them by its keep factors (resize(x·keep) = resize(x)·keep,
-    `patch_embed_multi`) and projects them by one GEMM; a training
-    step embeds its ONLINE tokens and the target at its DECODER positions, a fifth to a quarter
-    of the positions. Elsewhere (CUDA: the fused kernel embeds every token in one pass;
-    torch.compile) it is `patch_embed_rows_ref`.
+    `patch_embed_multi`) and projects them by one GEMM; a training step embeds its ONLINE tokens
+    and the target at its DECODER positions, a fifth to a quarter of the positions. Elsewhere
+    (CUDA: the fused kernel embeds every token in one pass; torch.compile) it is
+    `patch_embed_rows_ref`.
     """
     if not projections:
         return []
@@ -563,7 +563,8 @@ def patch_embed_rows(x: Tensor, projections: list[RowsProjection], patch_size: i
             if keeps is not None:
                 keep = torch.stack([k.detach() for k in keeps]).to(p.dtype)  # [V, B, C]
                 p = (p.view(-1, base * base, C) * keep[view, rows // (T * h * w)][:, None, :]).view(p.shape)
-            y = F.linear(p, weight.to(x.dtype).permute(0, 2, 3, 1).reshape(weight.shape[0], -1),
-                         None if bias is None else bias.to(x.dtype))
+            # the weight as [D, (u v C)], the rows' order
+            w_rows = weight.to(x.dtype).permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+            y = F.linear(p, w_rows, None if bias is None else bias.to(x.dtype))
             out.append(y)
         return out
