@@ -11,7 +11,8 @@ Every benchmark goes through the `bench` fixture:
   cache (50-60 MB on H100/H200), so no round reads its inputs from the previous round's cache.
 * `bench.paired({provider: fn, ...}, group=..., rounds=...)` times several providers
   interleaved, one call of each per round (the order reversed every other round), for ratios
-  that a drifting machine cannot skew; each provider gets its own record.
+  that a drifting machine cannot skew; each provider gets its own record. On CPU each round
+  also probes the matmul peak, and those records' fractions are against the probes' median.
 * Each record carries provenance (device, torch/triton versions, git SHA, date) and the
   keyword arguments (shapes, dtype) in `extra_info`, so `--benchmark-json` is self-describing.
 * At the end of the session a table prints, per group, every provider's median and its
@@ -157,15 +158,18 @@ def bench(benchmark, request):
     def paired(fns: dict, *, group: str, rounds: int, warmup: int = 1, flops: dict | None = None, **info):
         """Time the providers ``fns`` ({provider: fn}) interleaved: each round calls every one
         once (the order reversed every other round), so a drifting machine (shared VMs) slows
-        them alike and their ratio holds; pytest-benchmark times the whole round. Each provider
-        gets a record like `run`'s (median over rounds; FLOP/s from ``flops[provider]``) and
-        the median of the per-round ratios to the first provider."""
+        them alike and their ratio holds; pytest-benchmark times the whole round. On CPU each
+        round also measures the matmul peak anew, and the fractions of peak are against the
+        median of those probes, taken beside the timings. Each provider gets a record like
+        `run`'s (median over rounds; FLOP/s from ``flops[provider]``) and the median of the
+        per-round ratios to the first provider."""
         names = list(fns)
         for name in names:
             for _ in range(warmup):
                 fns[name]()
                 _sync()
         times: dict[str, list[float]] = {n: [] for n in names}
+        probes: list[float] = []
 
         def one_round():
             order = names if len(times[names[0]]) % 2 == 0 else names[::-1]
@@ -174,11 +178,16 @@ def bench(benchmark, request):
                 fns[n]()
                 _sync()
                 times[n].append(time.perf_counter() - t0)
+            if not ON_GPU:
+                from olmoearth_fast.perf import measure_cpu_peak
+
+                probes.append(measure_cpu_peak(reps=1, fresh=True))
 
         benchmark.group = group
         benchmark.extra_info.update(PROVENANCE)
         benchmark.extra_info.update({"provider": "+".join(names), "paired": True, **info})
         benchmark.pedantic(one_round, setup=_flush_l2, rounds=rounds, iterations=1)
+        peak = statistics.median(probes) if probes else _device_peak()[0]
         medians, per_round = {}, {}
         for n in names:
             med = statistics.median(times[n])
@@ -187,14 +196,18 @@ def bench(benchmark, request):
             flop_s = f / med if f else None
             _RESULTS.append({"group": group, "provider": n, "median_s": med, "min_s": min(times[n]), "rounds": rounds,
                              "peak_bytes": None, "min_bytes_gbps": None, "flop_s": flop_s,
-                             "peak_fraction": flop_s / _device_peak()[0] if flop_s else None,
-                             "device_peak_flop_s": _device_peak()[0] if flop_s else None,
+                             "peak_fraction": flop_s / peak if flop_s else None,
+                             "device_peak_flop_s": peak if flop_s else None,
+                             "peak_probes": probes or None,
                              "paired_with": names, "round_ratio_median": per_round[n],
                              **info, **({"flops": f} if f else {})})
             medians[n] = med
         line = (f"bench: {group} | interleaved over {rounds} rounds: "
                 + ", ".join(f"{n} median {medians[n] * 1e3:.3f} ms" for n in names) + "; per-round time / "
                 + f"{names[0]}'s: " + ", ".join(f"{n} {per_round[n]:.3f}" for n in names[1:]))
+        if probes:
+            line += (f"; matmul peak probed beside the rounds: median {peak / 1e12:.3f} TFLOP/s "
+                     f"({min(probes) / 1e12:.3f}-{max(probes) / 1e12:.3f})")
         if reporter is not None and capture is not None:
             with capture.global_and_fixture_disabled():
                 reporter.ensure_newline()
@@ -267,6 +280,7 @@ def pytest_terminal_summary(terminalreporter):
             if r.get("min_bytes_gbps") is not None:
                 mem += f"  {r['min_bytes_gbps']:7.1f} GB/s"
             if r.get("flop_s"):
-                mem += f"  {r['flop_s'] / 1e12:7.3f} TFLOP/s {100 * r['peak_fraction']:4.0f}% of peak"
+                probed = " (probed beside it)" if r.get("peak_probes") else ""
+                mem += f"  {r['flop_s'] / 1e12:7.3f} TFLOP/s {100 * r['peak_fraction']:4.0f}% of peak{probed}"
             tr.write_line(f"  {r['provider']:<14} {r['median_s'] * 1e3:10.3f} ms" + ratios + mem)
     _write_results()

@@ -254,11 +254,21 @@ def num_parameters(model_cfg, tokenization: TokenizationConfig) -> int:
 _CPU_PEAK: dict[int, float] = {}
 
 
-def measure_cpu_peak(threads: int | None = None, n: int = 2048, reps: int = 3) -> float:
+def measure_cpu_peak(threads: int | None = None, n: int = 2048, reps: int = 3, fresh: bool = False) -> float:
     """fp32 FLOP/s of a large square matmul at ``threads`` (default: torch's current count),
     best of ``reps`` after one warm-up; cached per thread count (about 0.5 s the first time on a
-    2-core machine, where it reads 180–205 GFLOP/s)."""
+    2-core machine, where it reads 180–205 GFLOP/s). ``fresh``: measure again now and leave the
+    cache alone (a shared machine's speed drifts; `benchmarks/conftest.py` probes it beside each
+    round of an interleaved benchmark)."""
     threads = threads or torch.get_num_threads()
+    if fresh:
+        cached = _CPU_PEAK.pop(threads, None)
+        try:
+            return measure_cpu_peak(threads, n, reps)
+        finally:
+            _CPU_PEAK.pop(threads, None)
+            if cached is not None:
+                _CPU_PEAK[threads] = cached
     if threads not in _CPU_PEAK:
         old = torch.get_num_threads()
         torch.set_num_threads(threads)

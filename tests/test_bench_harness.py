@@ -5,6 +5,7 @@ follow the providers' real costs."""
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,9 @@ def test_paired_timing(tmp_path):
     assert records["fast"]["speedup_vs_ref_best"] is None and records["fast"]["note"] == "x"
     assert records["fast"]["flop_s"] == 1e9 / records["fast"]["median_s"]
     assert calls["medians"]["slow"] == records["slow"]["median_s"]
+    # on CPU the peak is probed once per round, beside the timings
+    probes = records["fast"]["peak_probes"]
+    assert len(probes) == 4 and all(p > 0 for p in probes)
+    assert records["fast"]["device_peak_flop_s"] == statistics.median(probes)
+    assert records["fast"]["peak_fraction"] == records["fast"]["flop_s"] / statistics.median(probes)
+    assert "matmul peak probed beside the rounds" in done.stdout

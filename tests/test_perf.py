@@ -250,6 +250,18 @@ def test_gpu_floor_on_paper():
     assert traffic["patch_embed"] > perf.gpu_traffic(w, cfg.model, "ours")[0]["patch_embed"]  # resized image
 
 
+def test_a_fresh_peak_measurement_leaves_the_cache_alone():
+    perf._CPU_PEAK[1] = 123.0
+    try:
+        fresh = perf.measure_cpu_peak(1, n=128, reps=1, fresh=True)
+        assert fresh > 0 and fresh != 123.0
+        assert perf._CPU_PEAK[1] == 123.0 and perf.measure_cpu_peak(1) == 123.0
+    finally:
+        perf._CPU_PEAK.pop(1, None)
+    perf.measure_cpu_peak(1, n=128, reps=1, fresh=True)
+    assert 1 not in perf._CPU_PEAK  # nothing cached where nothing was
+
+
 def test_measuring_the_peak_leaves_the_global_rng_alone():
     perf._CPU_PEAK.pop(1, None)
     state = torch.get_rng_state()
