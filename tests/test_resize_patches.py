@@ -58,6 +58,10 @@ def test_bad_input_is_refused():
         rp.resize_patches(x[0], bands, 4)
     with pytest.raises(ValueError, match="1 <= patch_size"):
         rp.resize_patches(x, bands, 9)
+    with pytest.raises(ValueError, match="requires grad"):  # no silent missing gradient
+        rp.resize_patches(x.clone().requires_grad_(), bands, 4)
+    with torch.no_grad():
+        assert rp.resize_patches(x.clone().requires_grad_(), bands, 4).shape == (2 * 3 * 4, 64 * 4)
     with pytest.raises(RuntimeError, match="out of range"):
         rp.resize_patches(x, torch.tensor([0, 7]), 4)
     rows, cols = rp._axis_taps(8, 16), rp._axis_taps(8, 16)

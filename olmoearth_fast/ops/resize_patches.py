@@ -105,6 +105,9 @@ def resize_patches(x: Tensor, band_index: Tensor | None, patch_size: int, base: 
     _check(x, band_index, patch_size, base)
     if not uses_kernel(x):
         return resize_patches_ref(x, band_index, patch_size, base)
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError("resize_patches: x requires grad, but the C++ op has no backward (the data need "
+                         "none): pass x.detach(), or use resize_patches_ref for a differentiable resize")
     H, W = x.shape[1], x.shape[2]
     if band_index is None:
         band_index = torch.arange(x.shape[-1])
