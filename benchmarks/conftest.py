@@ -163,6 +163,8 @@ def bench(benchmark, request):
         median of those probes, taken beside the timings. Each provider gets a record like
         `run`'s (median over rounds; FLOP/s from ``flops[provider]``) and the median of the
         per-round ratios to the first provider."""
+        from olmoearth_fast.perf import measure_cpu_peak
+
         names = list(fns)
         for name in names:
             for _ in range(warmup):
@@ -179,8 +181,6 @@ def bench(benchmark, request):
                 _sync()
                 times[n].append(time.perf_counter() - t0)
             if not ON_GPU:
-                from olmoearth_fast.perf import measure_cpu_peak
-
                 probes.append(measure_cpu_peak(reps=1, fresh=True))
 
         benchmark.group = group

@@ -1,10 +1,13 @@
-// AVX-512 helpers shared by the CPU kernels (segment_attention.cpp, bias_gelu.cpp).
+// AVX-512 helpers shared by the CPU kernels (segment_attention.cpp, bias_gelu.cpp,
+// resize_patches.cpp).
 //
 // The kernels are compiled for any x86-64 host with a target attribute (no -mavx512f for the
 // whole file) and run only where `cpu_has_avx512()`; elsewhere (no AVX-512F, a non-x86 build, or
 // -DOEF_NO_AVX512) the ops report themselves unavailable and their Python wrappers take the
-// reference paths.
+// reference paths, or (resize_patches) the op takes its portable path.
 #pragma once
+
+#include <cstdint>
 
 #if defined(__x86_64__) && !defined(OEF_NO_AVX512)  // -DOEF_NO_AVX512: build without the kernels
 #include <immintrin.h>
@@ -23,6 +26,11 @@ inline bool cpu_has_avx512() {
 }
 
 #ifdef OEF_X86
+// lanes j..j+15 of a row of n floats that lie inside it (j < n)
+OEF_AVX512 inline __mmask16 tail_mask(int64_t j, int64_t n) {
+  return j + 16 <= n ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+}
+
 // e^r · 2^n for |r| <= 0.35: e^r by its degree-6 Taylor polynomial, then scalef.
 OEF_AVX512 inline __m512 exp_reduced(__m512 r, __m512 n) {
   __m512 p = _mm512_set1_ps(1.0f / 720);

@@ -58,16 +58,12 @@ OEF_AVX512 inline Gelu gelu512(__m512 x) {
   return g;
 }
 
-OEF_AVX512 inline __mmask16 lanes(int64_t j, int64_t n) {
-  return j + 16 <= n ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
-}
-
 OEF_AVX512 void forward_rows(const float* h, const float* b, float* out, int64_t r0, int64_t r1, int64_t n) {
   for (int64_t i = r0; i < r1; ++i) {
     const float* hi = h + i * n;
     float* oi = out + i * n;
     for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 m = lanes(j, n);
+      const __mmask16 m = tail_mask(j, n);
       const __m512 x = _mm512_add_ps(_mm512_maskz_loadu_ps(m, hi + j), _mm512_maskz_loadu_ps(m, b + j));
       _mm512_mask_storeu_ps(oi + j, m, gelu512<false>(x).value);
     }
@@ -83,7 +79,7 @@ OEF_AVX512 void backward_rows(const float* g, const float* h, const float* b, fl
     const float* hi = h + i * n;
     float* di = dh + i * n;
     for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 m = lanes(j, n);
+      const __mmask16 m = tail_mask(j, n);
       const __m512 x = _mm512_add_ps(_mm512_maskz_loadu_ps(m, hi + j), _mm512_maskz_loadu_ps(m, b + j));
       const __m512 d = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gi + j), gelu512<true>(x).derivative);
       _mm512_mask_storeu_ps(di + j, m, d);

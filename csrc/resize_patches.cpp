@@ -59,7 +59,7 @@ inline void taps_scalar(const float* w, int64_t n, const float* src, int64_t str
 OEF_AVX512 inline void taps_avx512(const float* w, int64_t n, const float* src, int64_t stride, int64_t C,
                                    float* dst) {
   for (int64_t k = 0; k < C; k += 16) {
-    const __mmask16 m = C - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (C - k)) - 1);
+    const __mmask16 m = tail_mask(k, C);
     __m512 acc = _mm512_mul_ps(_mm512_set1_ps(w[0]), _mm512_maskz_loadu_ps(m, src + k));
     for (int64_t s = 1; s < n; ++s)
       acc = _mm512_fmadd_ps(_mm512_set1_ps(w[s]), _mm512_maskz_loadu_ps(m, src + s * stride + k), acc);

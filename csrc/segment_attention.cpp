@@ -66,11 +66,6 @@ void transpose_rows(const float* m, int64_t ld, int64_t n, int64_t lp, float* t)
 // Each tile of NR query rows runs through helpers templated on (D, NR): the row loops unroll
 // without per-row branches. A task's full tiles take kRows rows, its last few rows one at a time.
 
-// lanes j..j+15 that are keys (< n); j < n
-OEF_AVX512 inline __mmask16 tail_mask(int64_t j, int64_t n) {
-  return j + 16 <= n ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
-}
-
 OEF_AVX512 inline float dot(const float* a, const float* b, int d) {
   __m512 acc = _mm512_setzero_ps();
   for (int c = 0; c < d; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc);

@@ -254,6 +254,25 @@ def num_parameters(model_cfg, tokenization: TokenizationConfig) -> int:
 _CPU_PEAK: dict[int, float] = {}
 
 
+def _time_matmul(threads: int, n: int, reps: int) -> float:
+    """fp32 FLOP/s of an ``n``² matmul at ``threads``, best of ``reps`` after one warm-up."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)  # its own generator: training's RNG stream is untouched
+        a, bm = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        out = torch.empty(n, n)
+        torch.mm(a, bm, out=out)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, bm, out=out)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return 2.0 * n ** 3 / best
+
+
 def measure_cpu_peak(threads: int | None = None, n: int = 2048, reps: int = 3, fresh: bool = False) -> float:
     """fp32 FLOP/s of a large square matmul at ``threads`` (default: torch's current count),
     best of ``reps`` after one warm-up; cached per thread count (about 0.5 s the first time on a
@@ -262,29 +281,9 @@ def measure_cpu_peak(threads: int | None = None, n: int = 2048, reps: int = 3, f
     round of an interleaved benchmark)."""
     threads = threads or torch.get_num_threads()
     if fresh:
-        cached = _CPU_PEAK.pop(threads, None)
-        try:
-            return measure_cpu_peak(threads, n, reps)
-        finally:
-            _CPU_PEAK.pop(threads, None)
-            if cached is not None:
-                _CPU_PEAK[threads] = cached
+        return _time_matmul(threads, n, reps)
     if threads not in _CPU_PEAK:
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            g = torch.Generator().manual_seed(0)  # its own generator: training's RNG stream is untouched
-            a, bm = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-            out = torch.empty(n, n)
-            torch.mm(a, bm, out=out)
-            best = float("inf")
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                torch.mm(a, bm, out=out)
-                best = min(best, time.perf_counter() - t0)
-        finally:
-            torch.set_num_threads(old)
-        _CPU_PEAK[threads] = 2.0 * n ** 3 / best
+        _CPU_PEAK[threads] = _time_matmul(threads, n, reps)
     return _CPU_PEAK[threads]
 
 

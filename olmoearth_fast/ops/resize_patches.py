@@ -53,12 +53,10 @@ def _axis_taps(in_size: int, out_size: int) -> tuple[Tensor, Tensor, Tensor]:
         hi = min(int(center + support + 0.5), in_size)
         start.append(lo)
         count.append(hi - lo)
-    taps = max(count)
-    w = torch.zeros(out_size, taps)
+    w = torch.zeros(out_size, max(count))
+    outside = m.clone()  # what PyTorch weighs outside the window: nothing
     for o, (lo, n) in enumerate(zip(start, count)):
         w[o, :n] = m[o, lo:lo + n]
-    outside = m.clone()
-    for o, (lo, n) in enumerate(zip(start, count)):
         outside[o, lo:lo + n] = 0
     if outside.abs().max() > 0:  # the window formula no longer matches PyTorch's
         raise AssertionError(f"resize_patches: PyTorch's weights for {in_size} -> {out_size} leave the window")
