@@ -31,6 +31,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -52,18 +53,49 @@ struct Out {
   float* at(int64_t t, int64_t h) const { return p + t * row + h * head; }
 };
 
-// [n] rows of D floats (stride ld) -> [D][lp] transposed, zero padded to lp. Written row by row
-// of the output (contiguous stores; the n input rows stay in cache across the D passes).
-template <int D>
-void transpose_rows(const float* m, int64_t ld, int64_t n, int64_t lp, float* t) {
-  for (int c = 0; c < D; ++c) {
-    float* tc = t + c * lp;
-    for (int64_t j = 0; j < n; ++j) tc[j] = m[j * ld + c];
-    std::fill(tc + n, tc + lp, 0.0f);
+#ifdef OEF_X86  // the AVX-512 kernels (compiled for any x86-64 host, run where the CPU has them)
+
+// r[i] (16 rows of 16 floats) -> r[c] = column c: the usual three-stage shuffle transpose
+// (pairs of floats, pairs of doubles, then 128-bit lanes twice).
+OEF_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(u[8 * i + j], u[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
   }
 }
 
-#ifdef OEF_X86  // the AVX-512 kernels (compiled for any x86-64 host, run where the CPU has them)
+// [n] rows of D floats (stride ld) -> [D][lp] transposed, zero padded to lp (a multiple of 16):
+// 16×16 blocks in registers; the last block's missing rows are zeros, which is the padding.
+template <int D>
+OEF_AVX512 void transpose_rows(const float* m, int64_t ld, int64_t n, int64_t lp, float* t) {
+  for (int64_t j = 0; j < lp; j += 16) {
+    const int64_t rows = std::min<int64_t>(16, n - j);
+    for (int c0 = 0; c0 < D; c0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_loadu_ps(m + (j + i) * ld + c0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(t + (c0 + i) * lp + j, r[i]);
+    }
+  }
+}
 
 // Each tile of NR query rows runs through helpers templated on (D, NR): the row loops unroll
 // without per-row branches. A task's full tiles take kRows rows, its last few rows one at a time.
@@ -212,9 +244,10 @@ OEF_AVX512 void forward_task(View q, View k, View v, Out out, float* lse, int64_
                              int64_t nq, int64_t k0, int64_t nk, float scale) {
   constexpr int R = kRows;
   const int64_t lp = (nk + 15) / 16 * 16;
-  std::vector<float> kt(D * lp), s(R * lp);
-  transpose_rows<D>(k.at(k0, h), k.row, nk, lp, kt.data());
-  const TaskData<D> t{q, k, v, h, q0, k0, nk, lp, scale, kt.data(), s.data()};
+  std::unique_ptr<float[]> buf(new float[(D + R) * lp]);  // Kᵀ, then the tile's scores (written before read)
+  float* kt = buf.get();
+  transpose_rows<D>(k.at(k0, h), k.row, nk, lp, kt);
+  const TaskData<D> t{q, k, v, h, q0, k0, nk, lp, scale, kt, kt + D * lp};
   int64_t i = 0;
   for (; i + R <= nq; i += R) forward_tile<D, R>(t, out, lse, lse_row, i);
   for (; i < nq; ++i) forward_tile<D, 1>(t, out, lse, lse_row, i);
@@ -281,12 +314,17 @@ OEF_AVX512 void backward_task(View go, View q, View k, View v, View out, const f
                               Out dk, Out dv, int64_t h, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float scale) {
   constexpr int R = kRows;
   const int64_t lp = (nk + 15) / 16 * 16;
-  std::vector<float> kt(D * lp), vt(D * lp), p(R * lp), dp(R * lp), dk_acc(nk * D, 0.0f), dv_acc(nk * D, 0.0f),
-      qs(R * D);
-  transpose_rows<D>(k.at(k0, h), k.row, nk, lp, kt.data());
-  transpose_rows<D>(v.at(k0, h), v.row, nk, lp, vt.data());
-  const TaskData<D> t{q, k, v, h, q0, k0, nk, lp, scale, kt.data(), p.data()};
-  const BackwardData<D> b{go, out, lse, lse_row, dq, vt.data(), dp.data(), qs.data(), dk_acc.data(), dv_acc.data()};
+  // Kᵀ, Vᵀ, P, dP, the scaled query rows: written before read; the dK, dV accumulators: zeros
+  std::unique_ptr<float[]> buf(new float[(2 * D + 2 * R) * lp + R * D]);
+  std::vector<float> dk_acc(nk * D, 0.0f), dv_acc(nk * D, 0.0f);
+  float* kt = buf.get();
+  float* vt = kt + D * lp;
+  float* p = vt + D * lp;
+  float* dp = p + R * lp;
+  transpose_rows<D>(k.at(k0, h), k.row, nk, lp, kt);
+  transpose_rows<D>(v.at(k0, h), v.row, nk, lp, vt);
+  const TaskData<D> t{q, k, v, h, q0, k0, nk, lp, scale, kt, p};
+  const BackwardData<D> b{go, out, lse, lse_row, dq, vt, dp, dp + R * lp, dk_acc.data(), dv_acc.data()};
   int64_t i = 0;
   for (; i + R <= nq; i += R) backward_tile<D, R>(t, b, i);
   for (; i < nq; ++i) backward_tile<D, 1>(t, b, i);
