@@ -2,7 +2,7 @@
 //
 //   segment_attention_fwd(q[Tq,H,d], k[Tk,H,d], v[Tk,H,d], int[] q_cu, int[] k_cu, float scale)
 //       -> (out[Tq,H,d], lse[Tq,H])
-//   segment_attention_bwd(grad_out, q, k, v, out, lse, q_cu, k_cu, scale) -> (dq, dk, dv)
+//   segment_attention_bwd(grad_out, q, k, v, out, lse, q_cu, k_cu, scale, dq!, dk!, dv!): writes the gradients
 //
 // Query rows q_cu[i]..q_cu[i+1] attend to key rows k_cu[i]..k_cu[i+1] (host offsets, B+1 each);
 // a sample without keys gets zero outputs and zero gradients. fp32, head dim 16, 32, 64 or 128,
@@ -414,9 +414,11 @@ std::tuple<at::Tensor, at::Tensor> segment_attention_fwd(const at::Tensor& q, co
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, at::IntArrayRef q_cu, at::IntArrayRef k_cu, double scale) {
+// Writes dq, dk, dv into the given tensors (shaped like q, k, v; rows and heads may be strided,
+// e.g. slices of one packed [T, 3, H, d] gradient, so that no stack copy follows).
+void segment_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& out, const at::Tensor& lse, at::IntArrayRef q_cu, at::IntArrayRef k_cu,
+                           double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   check(q, k, v, q_cu, k_cu);
   TORCH_CHECK(available(), "segment_attention: this CPU has no AVX-512F (the op's Python wrapper falls back)");
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.stride(2) == 1 &&
@@ -425,10 +427,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_bwd(
   TORCH_CHECK(lse.is_contiguous() && lse.size(0) == q.size(0) && lse.size(1) == q.size(1),
               "segment_attention_bwd: lse must be a contiguous [Tq, H]");
   const int64_t heads = q.size(1);
+  for (const auto& [g, t] : {std::pair<const at::Tensor*, const at::Tensor*>{&dq, &q}, {&dk, &k}, {&dv, &v}})
+    TORCH_CHECK(g->sizes() == t->sizes() && g->device().is_cpu() && g->scalar_type() == at::kFloat && g->stride(2) == 1,
+                "segment_attention_bwd: dq, dk, dv must be fp32 CPU tensors shaped like q, k, v with a contiguous "
+                "last dim");
   // every row is written below: by its task, or as zeros where its sample has no keys / queries
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
   const View gv = view_of(grad_out), qv = view_of(q), kv = view_of(k), vv = view_of(v), ov = view_of(out);
   Out dqv = out_of(dq), dkv = out_of(dk), dvv = out_of(dv);
   const float* l = lse.data_ptr<float>();
@@ -447,7 +450,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_bwd(
     }
   }));
 #endif
-  return {dq, dk, dv};
 }
 
 }  // namespace
@@ -457,7 +459,7 @@ TORCH_LIBRARY_FRAGMENT(olmoearth_fast, m) {
   m.def("segment_attention_available() -> bool", &olmoearth_fast::available);
   m.def("segment_attention_fwd(Tensor q, Tensor k, Tensor v, int[] q_cu, int[] k_cu, float scale) -> (Tensor, Tensor)");
   m.def("segment_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int[] q_cu, "
-        "int[] k_cu, float scale) -> (Tensor, Tensor, Tensor)");
+        "int[] k_cu, float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(olmoearth_fast, CPU, m) {

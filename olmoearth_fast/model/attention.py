@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from olmoearth_fast.ops import forced_kernels
 from olmoearth_fast.ops.bias_gelu import bias_gelu, uses_kernel
 from olmoearth_fast.ops.packing import gather_rows
-from olmoearth_fast.ops.segment_attention import segment_attention
+from olmoearth_fast.ops.segment_attention import unpack_qkv, segment_attention
 
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -136,21 +136,23 @@ class Attention(nn.Module):
         # One GEMM for the projections that read the same input (q, k, v for self-attention;
         # k, v of the context for cross-attention), the weights concatenated: wider GEMMs run
         # closer to peak than three [D, D] ones, and the parameters keep the reference's names.
+        # The GEMM's output goes to `attend` packed ([T, 3, H, hd] or [Tk, 2, H, hd]), so that the
+        # CPU op writes its gradient packed too (no stack copy behind an unbind).
         if y is None:
             qkv = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]),
                            torch.cat([self.q.bias, self.k.bias, self.v.bias]))
-            q, k, v = qkv.unflatten(-1, (3, h, -1)).unbind(-3)
-            y_seg = x_seg
+            out = attend(qkv.unflatten(-1, (3, h, -1)), None, None, x_seg, x_seg)
         else:
-            q = self.q(x).unflatten(-1, (h, -1))
             kv = F.linear(y, torch.cat([self.k.weight, self.v.weight]), torch.cat([self.k.bias, self.v.bias]))
-            k, v = kv.unflatten(-1, (2, h, -1)).unbind(-3)
-        return self.proj(attend(q, k, v, x_seg, y_seg).flatten(-2))
+            out = attend(self.q(x).unflatten(-1, (h, -1)), kv.unflatten(-1, (2, h, -1)), None, x_seg, y_seg)
+        return self.proj(out.flatten(-2))
 
 
 @torch.compiler.disable
-def attend(q: Tensor, k: Tensor, v: Tensor, q_seg: Segments, k_seg: Segments) -> Tensor:
-    """Attention of packed q [Tq, H, hd] to k/v [Tk, H, hd] within each sample's segment.
+def attend(q: Tensor, k: Tensor | None, v: Tensor | None, q_seg: Segments, k_seg: Segments) -> Tensor:
+    """Attention of packed q [Tq, H, hd] to k/v [Tk, H, hd] within each sample's segment; k and v
+    may come packed as ``k`` = [Tk, 2, H, hd] (``v`` None), or q, k, v as ``q`` = [T, 3, H, hd]
+    (`ops.segment_attention`'s layouts).
 
     ``OLMOEARTH_FAST_KERNELS=pytorch`` takes the padded SDPA path on CUDA instead of the varlen
     kernel (as it makes the other ops take their PyTorch paths), e.g. to bisect a difference.
@@ -158,9 +160,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_seg: Segments, k_seg: Segments) ->
     loops over (CPU) or pads to (CUDA fp32) change every step, and the varlen kernel is already
     one fused kernel; what compile fuses is the elementwise work around it.
     """
-    if _use_varlen(q) and forced_kernels() != "pytorch":
-        return _varlen_attn(q, k, v, q_seg.cu_seqlens, k_seg.cu_seqlens, q_seg.max_len, k_seg.max_len)
     if q.is_cuda:
+        q, k, v = unpack_qkv(q, k, v)
+        if _use_varlen(q) and forced_kernels() != "pytorch":
+            return _varlen_attn(q, k, v, q_seg.cu_seqlens, k_seg.cu_seqlens, q_seg.max_len, k_seg.max_len)
         return _padded_sdpa(q, k, v, q_seg, k_seg)
     return segment_attention(q, k, v, q_seg.host(), k_seg.host())
 

@@ -1,6 +1,7 @@
 """Attention within each sample's segment of packed tokens, on CPU (C++ op in csrc/).
 
-``segment_attention(q [Tq, H, d], k [Tk, H, d], v, q_cu, k_cu)``: the queries of sample i (rows
+``segment_attention(q [Tq, H, d], k [Tk, H, d], v, q_cu, k_cu)`` (or q and k, v packed in one
+tensor, or q, k, v packed: see `segment_attention`): the queries of sample i (rows
 ``q_cu[i]:q_cu[i+1]``) attend to its keys (rows ``k_cu[i]:k_cu[i+1]``), softmax(q·kᵀ/√d)·v; a
 sample without keys gets zero outputs (and zero gradients), where the reference would give NaN.
 ``q_cu`` / ``k_cu`` are host lists of B+1 offsets.
@@ -42,12 +43,27 @@ def uses_kernel(q: Tensor) -> bool:
             and forced_kernels() != "pytorch" and kernel_available())
 
 
+def unpack_qkv(q: Tensor, k: Tensor | None, v: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, k, v) from the three tensors, from ``q`` and a packed ``k`` = kv [Tk, 2, H, d] (v None),
+    or from a packed ``q`` = qkv [T, 3, H, d] (k, v None): views, no copies."""
+    if k is None:
+        return q.unbind(1)
+    if v is None:
+        return (q, *k.unbind(1))
+    return q, k, v
+
+
 class _SegmentAttention(torch.autograd.Function):
+    """The C++ op, taking its inputs as given to `unpack_qkv`. The backward writes dq, dk, dv into
+    gradients laid out like those inputs: a packed qkv (or kv) gets one packed gradient, with no
+    stack copy (what autograd would add behind an ``unbind``)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, q_cu, k_cu, scale):
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    def forward(ctx, q_in, k_in, v_in, q_cu, k_cu, scale):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in unpack_qkv(q_in, k_in, v_in))
         out, lse = _ops.segment_attention_fwd(q, k, v, q_cu, k_cu, scale)
         ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout = tuple(t is not None for t in (k_in, v_in))
         ctx.offsets = (q_cu, k_cu, scale)
         return out
 
@@ -56,18 +72,29 @@ class _SegmentAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         q_cu, k_cu, scale = ctx.offsets
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-        dq, dk, dv = _ops.segment_attention_bwd(grad, q, k, v, out, lse, q_cu, k_cu, scale)
-        return dq, dk, dv, None, None, None
+        has_k, has_v = ctx.layout
+        if not has_k:  # packed qkv
+            grads = (torch.empty(q.shape[0], 3, *q.shape[1:], dtype=q.dtype), None, None)
+        elif not has_v:  # q and packed kv
+            grads = (torch.empty_like(q), torch.empty(k.shape[0], 2, *k.shape[1:], dtype=k.dtype), None)
+        else:
+            grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+        _ops.segment_attention_bwd(grad, q, k, v, out, lse, q_cu, k_cu, scale, *unpack_qkv(*grads))
+        return (*grads, None, None, None)
 
 
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, q_cu: list[int], k_cu: list[int]) -> Tensor:
-    """q [Tq, H, d], k/v [Tk, H, d] → [Tq, H, d]: attention within each sample's segment."""
-    if len(q_cu) != len(k_cu) or q_cu[-1] != q.shape[0] or k_cu[-1] != k.shape[0]:
+def segment_attention(q: Tensor, k: Tensor | None, v: Tensor | None, q_cu: list[int], k_cu: list[int]) -> Tensor:
+    """Attention within each sample's segment → [Tq, H, d]. Inputs: q [Tq, H, d], k/v [Tk, H, d];
+    or q and a packed kv [Tk, 2, H, d] as ``k`` (``v`` None); or a packed qkv [T, 3, H, d] as ``q``
+    (``k``, ``v`` None), e.g. the unflattened output of one projection GEMM, whose gradient is then
+    packed alike."""
+    qv, kv_, vv = unpack_qkv(q, k, v)
+    if len(q_cu) != len(k_cu) or q_cu[-1] != qv.shape[0] or k_cu[-1] != kv_.shape[0]:
         raise ValueError(f"segment_attention: offsets {len(q_cu)}/{len(k_cu)} entries ending at {q_cu[-1]}/{k_cu[-1]} "
-                         f"do not describe q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if uses_kernel(q) and k.dtype == v.dtype == torch.float32:
-        return _SegmentAttention.apply(q, k, v, list(q_cu), list(k_cu), q.shape[-1] ** -0.5)
-    return segment_attention_ref(q, k, v, q_cu, k_cu)
+                         f"do not describe q {tuple(qv.shape)} and k {tuple(kv_.shape)}")
+    if uses_kernel(qv) and kv_.dtype == vv.dtype == torch.float32:
+        return _SegmentAttention.apply(q, k, v, list(q_cu), list(k_cu), qv.shape[-1] ** -0.5)
+    return segment_attention_ref(qv, kv_, vv, q_cu, k_cu)
 
 
 def segment_attention_ref(q: Tensor, k: Tensor, v: Tensor, q_cu: list[int], k_cu: list[int]) -> Tensor:
