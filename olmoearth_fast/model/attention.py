@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from olmoearth_fast.ops import forced_kernels
 from olmoearth_fast.ops.bias_gelu import bias_gelu, uses_kernel
 from olmoearth_fast.ops.packing import gather_rows
-from olmoearth_fast.ops.segment_attention import unpack_qkv, segment_attention
+from olmoearth_fast.ops.segment_attention import segment_attention, unpack_qkv
 
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn

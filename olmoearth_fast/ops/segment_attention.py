@@ -88,13 +88,13 @@ def segment_attention(q: Tensor, k: Tensor | None, v: Tensor | None, q_cu: list[
     or q and a packed kv [Tk, 2, H, d] as ``k`` (``v`` None); or a packed qkv [T, 3, H, d] as ``q``
     (``k``, ``v`` None), e.g. the unflattened output of one projection GEMM, whose gradient is then
     packed alike."""
-    qv, kv_, vv = unpack_qkv(q, k, v)
-    if len(q_cu) != len(k_cu) or q_cu[-1] != qv.shape[0] or k_cu[-1] != kv_.shape[0]:
+    qq, kk, vv = unpack_qkv(q, k, v)
+    if len(q_cu) != len(k_cu) or q_cu[-1] != qq.shape[0] or k_cu[-1] != kk.shape[0]:
         raise ValueError(f"segment_attention: offsets {len(q_cu)}/{len(k_cu)} entries ending at {q_cu[-1]}/{k_cu[-1]} "
-                         f"do not describe q {tuple(qv.shape)} and k {tuple(kv_.shape)}")
-    if uses_kernel(qv) and kv_.dtype == vv.dtype == torch.float32:
-        return _SegmentAttention.apply(q, k, v, list(q_cu), list(k_cu), qv.shape[-1] ** -0.5)
-    return segment_attention_ref(qv, kv_, vv, q_cu, k_cu)
+                         f"do not describe q {tuple(qq.shape)} and k {tuple(kk.shape)}")
+    if uses_kernel(qq) and kk.dtype == vv.dtype == torch.float32:
+        return _SegmentAttention.apply(q, k, v, list(q_cu), list(k_cu), qq.shape[-1] ** -0.5)
+    return segment_attention_ref(qq, kk, vv, q_cu, k_cu)
 
 
 def segment_attention_ref(q: Tensor, k: Tensor, v: Tensor, q_cu: list[int], k_cu: list[int]) -> Tensor:
