@@ -166,7 +166,7 @@ def _segment_fwd(q, k, v, q_cu, k_cu, scale, out_shape=None, **kwargs):
     return 4 * _segment_scores(q, q_cu, k_cu)
 
 
-def _segment_bwd(grad_out, q, k, v, out, lse, q_cu, k_cu, scale, out_shape=None, **kwargs):
+def _segment_bwd(grad_out, q, k, v, out, lse, q_cu, k_cu, scale, dq, dk, dv, out_shape=None, **kwargs):
     return 8 * _segment_scores(q, q_cu, k_cu)
 
 
