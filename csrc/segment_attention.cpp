@@ -41,6 +41,9 @@ namespace {
 constexpr int kRows = 4;  // query rows per register tile (8 at head dim 16: no faster forward, slower backward)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// A task's key count rounded up to whole 16-key vectors: the row length of its Kᵀ, Vᵀ and scores.
+inline int64_t padded_keys(int64_t nk) { return (nk + 15) / 16 * 16; }
+
 struct View {  // a [T, H, d] fp32 tensor: row and head strides in floats, last dim contiguous
   const float* p;
   int64_t row, head;
@@ -243,7 +246,7 @@ template <int D>
 OEF_AVX512 void forward_task(View q, View k, View v, Out out, float* lse, int64_t lse_row, int64_t h, int64_t q0,
                              int64_t nq, int64_t k0, int64_t nk, float scale) {
   constexpr int R = kRows;
-  const int64_t lp = (nk + 15) / 16 * 16;
+  const int64_t lp = padded_keys(nk);
   std::unique_ptr<float[]> buf(new float[(D + R) * lp]);  // Kᵀ, then the tile's scores (written before read)
   float* kt = buf.get();
   transpose_rows<D>(k.at(k0, h), k.row, nk, lp, kt);
@@ -313,7 +316,7 @@ template <int D>
 OEF_AVX512 void backward_task(View go, View q, View k, View v, View out, const float* lse, int64_t lse_row, Out dq,
                               Out dk, Out dv, int64_t h, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float scale) {
   constexpr int R = kRows;
-  const int64_t lp = (nk + 15) / 16 * 16;
+  const int64_t lp = padded_keys(nk);
   // Kᵀ, Vᵀ, P, dP, the scaled query rows: written before read; the dK, dV accumulators: zeros
   std::unique_ptr<float[]> buf(new float[(2 * D + 2 * R) * lp + R * D]);
   std::vector<float> dk_acc(nk * D, 0.0f), dv_acc(nk * D, 0.0f);
@@ -368,7 +371,7 @@ void for_tasks(at::IntArrayRef q_cu, at::IntArrayRef k_cu, int64_t heads, const 
   order.reserve(b);
   for (int64_t s = 0; s < b; ++s) {
     const int64_t nq = q_cu[s + 1] - q_cu[s], nk = k_cu[s + 1] - k_cu[s];
-    order.emplace_back(-(nq * ((nk + 15) / 16 * 16) + nq + nk), s);  // Q·Kᵀ tiles, plus per-row work
+    order.emplace_back(-(nq * padded_keys(nk) + nq + nk), s);  // Q·Kᵀ tiles, plus per-row work
   }
   std::stable_sort(order.begin(), order.end());
   const int64_t n = b * heads;

@@ -85,8 +85,8 @@ def test_packed_inputs_equal_separate_ones(q_lens, k_lens, heads, dim):
     for a, b in zip(got_grads, want_grads):
         assert torch.equal(a, b)
     # the reference path takes the packed layouts too
-    ref = sa.segment_attention_ref(*sa.unpack_qkv(packed, None, None) if self_attn else sa.unpack_qkv(q, kv, None),
-                                   q_cu, k_cu)
+    packed_inputs = (packed, None, None) if self_attn else (q, kv, None)
+    ref = sa.segment_attention_ref(*sa.unpack_qkv(*packed_inputs), q_cu, k_cu)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6)
 
 

@@ -63,7 +63,7 @@ class _SegmentAttention(torch.autograd.Function):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in unpack_qkv(q_in, k_in, v_in))
         out, lse = _ops.segment_attention_fwd(q, k, v, q_cu, k_cu, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout = tuple(t is not None for t in (k_in, v_in))
+        ctx.shapes = tuple(None if t is None else t.shape for t in (q_in, k_in, v_in))  # the gradients' layout
         ctx.offsets = (q_cu, k_cu, scale)
         return out
 
@@ -72,13 +72,7 @@ class _SegmentAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         q_cu, k_cu, scale = ctx.offsets
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-        has_k, has_v = ctx.layout
-        if not has_k:  # packed qkv
-            grads = (torch.empty(q.shape[0], 3, *q.shape[1:], dtype=q.dtype), None, None)
-        elif not has_v:  # q and packed kv
-            grads = (torch.empty_like(q), torch.empty(k.shape[0], 2, *k.shape[1:], dtype=k.dtype), None)
-        else:
-            grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+        grads = tuple(None if shape is None else torch.empty(shape, dtype=q.dtype) for shape in ctx.shapes)
         _ops.segment_attention_bwd(grad, q, k, v, out, lse, q_cu, k_cu, scale, *unpack_qkv(*grads))
         return (*grads, None, None, None)
 
