@@ -170,11 +170,20 @@ def _segment_bwd(grad_out, q, k, v, out, lse, q_cu, k_cu, scale, dq, dk, dv, out
     return 8 * _segment_scores(q, q_cu, k_cu)
 
 
-_COUNTER_EXTRAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_fwd,
+def _inner_product(x, w, b, attr, scalars, algorithm, out_shape=None, **kwargs):
+    """oneDNN's Linear forward (`ops.linear`): 2·M·K·N."""
+    rows = 1
+    for n in x[:-1]:
+        rows *= n
+    return 2 * rows * x[-1] * w[0]
+
+
+_COUNTER_EXTRAS = {torch.ops.mkldnn._linear_pointwise: _inner_product,
+                   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_fwd,
                    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_bwd,
                    torch.ops.olmoearth_fast.segment_attention_fwd: _segment_fwd,
                    torch.ops.olmoearth_fast.segment_attention_bwd: _segment_bwd}
-_GROUPS = {"conv": ("convolution", "convolution_backward"), "linear": ("mm", "addmm"),
+_GROUPS = {"conv": ("convolution", "convolution_backward"), "linear": ("mm", "addmm", "_linear_pointwise"),
            "attention": ("_scaled_dot_product_flash_attention_for_cpu",
                          "_scaled_dot_product_flash_attention_for_cpu_backward",
                          "segment_attention_fwd", "segment_attention_bwd"), "bmm": ("bmm",)}

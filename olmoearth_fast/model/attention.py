@@ -16,7 +16,8 @@ Never the (Σ len)² of one block-diagonal mask over the whole batch.
 
 Block = pre-norm attention (separate q/k/v Linear with bias) + GELU MLP, each branch with
 per-sample DropPath (one Bernoulli per sample and branch, same rate in every block). On CPU (fp32)
-the MLP adds fc1's bias inside the GELU pass (`ops.bias_gelu`, C++), elsewhere Linear → GELU.
+the Linear layers' forward is oneDNN's inner product (`ops.linear`) and the MLP adds fc1's bias
+inside the GELU pass (`ops.bias_gelu`, C++); elsewhere PyTorch's Linear → GELU.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from olmoearth_fast.ops import forced_kernels
 from olmoearth_fast.ops.bias_gelu import bias_gelu, uses_kernel
+from olmoearth_fast.ops.linear import linear
 from olmoearth_fast.ops.packing import gather_rows
 from olmoearth_fast.ops.segment_attention import segment_attention, unpack_qkv
 
@@ -139,13 +141,14 @@ class Attention(nn.Module):
         # The GEMM's output goes to `attend` packed ([T, 3, H, hd] or [Tk, 2, H, hd]), so that the
         # CPU op writes its gradient packed too (no stack copy behind an unbind).
         if y is None:
-            qkv = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]),
-                           torch.cat([self.q.bias, self.k.bias, self.v.bias]))
+            qkv = linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]),
+                         torch.cat([self.q.bias, self.k.bias, self.v.bias]))
             out = attend(qkv.unflatten(-1, (3, h, -1)), None, None, x_seg, x_seg)
         else:
-            kv = F.linear(y, torch.cat([self.k.weight, self.v.weight]), torch.cat([self.k.bias, self.v.bias]))
-            out = attend(self.q(x).unflatten(-1, (h, -1)), kv.unflatten(-1, (2, h, -1)), None, x_seg, y_seg)
-        return self.proj(out.flatten(-2))
+            kv = linear(y, torch.cat([self.k.weight, self.v.weight]), torch.cat([self.k.bias, self.v.bias]))
+            q = linear(x, self.q.weight, self.q.bias)
+            out = attend(q.unflatten(-1, (h, -1)), kv.unflatten(-1, (2, h, -1)), None, x_seg, y_seg)
+        return linear(out.flatten(-2), self.proj.weight, self.proj.bias)
 
 
 @torch.compiler.disable
@@ -176,8 +179,10 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if uses_kernel(x):  # CPU fp32: fc1's bias added in the fused GELU pass (`ops.bias_gelu`)
-            return self.fc2(bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias))
-        return self.fc2(F.gelu(self.fc1(x)))
+            h = bias_gelu(linear(x, self.fc1.weight), self.fc1.bias)
+        else:
+            h = F.gelu(linear(x, self.fc1.weight, self.fc1.bias))
+        return linear(h, self.fc2.weight, self.fc2.bias)
 
 
 def drop_path(x: Tensor, seg: Segments, rate: float, training: bool, keep: Tensor | None = None) -> Tensor:

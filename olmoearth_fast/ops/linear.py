@@ -1,0 +1,87 @@
+"""The transformer blocks' Linear layers on CPU in fp32: oneDNN's inner product forward.
+
+``linear(x, weight, bias)`` = ``F.linear(x, weight, bias)`` (`linear_ref`). On CPU in fp32 the
+forward runs oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, PyTorch's binding of
+oneDNN, the op Inductor's CPU backend uses for Linear layers) instead of MKL's sgemm; the
+gradients stay on MKL (`torch.mm`): ``dX = dY·W``, ``dW = dYᵀ·X``, ``db = Σ_rows dY``.
+
+Why: on the AMD EPYC (Zen 4) CPUs this project is benchmarked on, MKL's sgemm takes its AVX2
+code path, while oneDNN's inner product uses AVX-512. At the blocks' shapes ([4340, 192] ×
+[192, 768] at tiny, fp32, 2 threads) the forward GEMM alone is 1.3-1.5× faster. In the training
+step (forward GEMMs timed inside it, toggled step by step), the forward GEMMs took 0.48 against
+0.51-0.53 s per tiny step. The gradients stay on MKL: ``dW`` contracts over the rows, which
+the inner product cannot take without transposed copies of the activations. ``dX`` through
+oneDNN (with ``Wᵀ`` as its weight) measured 0.50 against 0.53 s per step, but the weight
+gradients after it slowed by as much.
+
+Elsewhere (CUDA, other dtypes, autocast, inside ``torch.compile``, PyTorch built without
+oneDNN, ``OLMOEARTH_FAST_KERNELS=pytorch``) it is ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from olmoearth_fast.ops import forced_kernels
+
+
+@functools.cache
+def kernel_available() -> bool:
+    """Whether this PyTorch has oneDNN's CPU inner product (``mkldnn._linear_pointwise``)."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    try:
+        x, w = torch.ones(2, 3), torch.ones(4, 3)
+        return bool(torch.equal(_inner_product(x, w, torch.zeros(4)), torch.full((2, 4), 3.0)))
+    except (RuntimeError, NotImplementedError):  # pragma: no cover - a build without the CPU op
+        return False
+
+
+def uses_kernel(x: Tensor) -> bool:
+    """Whether `linear` takes oneDNN's inner product for inputs like ``x``."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and forced_kernels() != "pytorch" and kernel_available())
+
+
+def _inner_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _Linear(torch.autograd.Function):
+    """x [M, K] · weightᵀ [K, N] (+ bias): oneDNN forward, MKL gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _inner_product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        dx = grad.mm(weight) if ctx.needs_input_grad[0] else None
+        dw = grad.t().mm(x) if ctx.needs_input_grad[1] else None
+        db = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x [..., K] · weight [N, K]ᵀ + bias [N]`` → ``[..., N]`` (oneDNN's forward where `uses_kernel`)."""
+    if (not uses_kernel(x) or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)
+            or x.numel() == 0 or weight.device.type != "cpu"):
+        return linear_ref(x, weight, bias)
+    if x.shape[-1] != weight.shape[1] or (bias is not None and bias.shape != weight.shape[:1]):
+        raise ValueError(f"linear: x {tuple(x.shape)}, weight {tuple(weight.shape)} and bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not fit (x [..., K], weight [N, K], bias [N])")
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    out = _Linear.apply(x2, weight.contiguous(), None if bias is None else bias.contiguous())
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """PyTorch's Linear (MKL's sgemm on CPU)."""
+    return F.linear(x, weight, bias)

@@ -1,0 +1,91 @@
+"""`ops.linear`: oneDNN's inner product forward + MKL gradients equal PyTorch's Linear."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from olmoearth_fast.ops import linear as lin
+
+needs_kernel = pytest.mark.skipif(not lin.kernel_available(), reason="PyTorch built without oneDNN's CPU inner product")
+
+
+def _inputs(shape, n, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    w = (torch.randn(n, shape[-1], generator=g) / shape[-1] ** 0.5).requires_grad_()
+    b = (0.1 * torch.randn(n, generator=g)).requires_grad_() if bias else None
+    return x, w, b, torch.randn(*shape[:-1], n, generator=g)
+
+
+def _value_and_grads(fn, x, w, b, grad):
+    out = fn(x, w, b)
+    params = [t for t in (x, w, b) if t is not None]
+    return out, torch.autograd.grad(out, params, grad)
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    calls = []
+    inner = lin._inner_product
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return inner(*args)
+
+    monkeypatch.setattr(lin, "_inner_product", counted)
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape,n,bias", [((300, 192), 768, True), ((4, 75, 64), 576, True), ((257, 768), 192, False)])
+def test_values_and_gradients_equal_pytorch_linear(shape, n, bias, count_calls):
+    x, w, b, grad = _inputs(shape, n, bias)
+    out, grads = _value_and_grads(lin.linear, x, w, b, grad)
+    ref, ref_grads = _value_and_grads(lin.linear_ref, x, w, b, grad)
+    assert count_calls == [(x[..., 0].numel(), shape[-1])]  # the forward went through oneDNN, 2-D
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_strided_input_and_frozen_weight():
+    x, w, b, grad = _inputs((64, 300), 96)
+    xt = x.detach().t().contiguous().t().requires_grad_()  # same values, column-major storage
+    wf = w.detach()  # a weight without gradient: only dx and db
+    out = lin.linear(xt, wf, b)
+    dx, db = torch.autograd.grad(out, [xt, b], grad)
+    torch.testing.assert_close(out, F.linear(x, wf, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, grad @ wf, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db, grad.sum(0), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_repeated_calls_are_bit_identical():
+    x, w, b, grad = _inputs((513, 192), 576)
+    first = _value_and_grads(lin.linear, x, w, b, grad)
+    second = _value_and_grads(lin.linear, x, w, b, grad)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, c) for a, c in zip(first[1], second[1]))
+
+
+def test_other_dtypes_forced_pytorch_and_autocast_take_pytorch_linear(monkeypatch, count_calls):
+    x, w, b, _ = _inputs((32, 48), 16)
+    x64, w64, b64 = (t.detach().double() for t in (x, w, b))
+    assert torch.equal(lin.linear(x64, w64, b64), F.linear(x64, w64, b64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin.linear(x, w, b).dtype == torch.bfloat16
+    monkeypatch.setenv("OLMOEARTH_FAST_KERNELS", "pytorch")
+    assert torch.equal(lin.linear(x, w, b), F.linear(x, w, b))
+    assert count_calls == []
+
+
+def test_mismatched_shapes_name_the_problem():
+    x, w, b, _ = _inputs((8, 32), 16)
+    if not lin.uses_kernel(x):
+        pytest.skip("the PyTorch path raises PyTorch's own error")
+    with pytest.raises(ValueError, match=r"x \(8, 32\), weight \(16, 31\)"):
+        lin.linear(x, w[:, :31], b)
+    with pytest.raises(ValueError, match=r"bias \(15,\)"):
+        lin.linear(x, w, b[:15])
