@@ -23,6 +23,7 @@ from olmoearth_fast.model.encoder import Packed, pack_positions
 from olmoearth_fast.model.encodings import CompositeEncodings
 from olmoearth_fast.model.layout import TokenLayout
 from olmoearth_fast.model.plan import PackPlan
+from olmoearth_fast.ops.linear import linear
 from olmoearth_fast.ops.packing import gather_rows
 
 
@@ -58,7 +59,8 @@ class Decoder(nn.Module):
             ctx, index, seg = pack_positions(layout.flatten(per), mask == MaskValue.ONLINE_ENCODER)
         else:
             ctx, index, seg = enc.tokens, enc.index, enc.seg
-        ctx = self.encoder_to_decoder_embed(self.input_norm(ctx))
+        embed = self.encoder_to_decoder_embed
+        ctx = linear(self.input_norm(ctx), embed.weight, embed.bias)
         return ctx + self.composite_encodings(layout, timestamps, patch_size, positions=index), seg
 
     def forward(self, enc: Packed, layout: TokenLayout, mask: Tensor, timestamps: Tensor, patch_size: int,
@@ -70,7 +72,8 @@ class Decoder(nn.Module):
         q = self.mask_token + self.composite_encodings(layout, timestamps, patch_size, positions=index)
         for blk in self.blocks:
             q = blk(q, seg, context, ctx_seg)
-        return Packed(self.to_output_embed(self.norm(q)), index, seg, layout, mask)
+        out = linear(self.norm(q), self.to_output_embed.weight, self.to_output_embed.bias)
+        return Packed(out, index, seg, layout, mask)
 
 
 def gather_targets(target_full: Tensor, index: Tensor, batch: int) -> Tensor:
