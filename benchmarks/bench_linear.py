@@ -9,32 +9,27 @@ Providers:
 The two are timed interleaved, call by call in turn (`bench.paired`): on a shared VM whose
 speed drifts by 30% within a minute, separate runs of a few-ms op do not give a ratio.
 
-Rows: the tokens one exp14 microbatch sends through a block at p=4, hw_p=6 (two views): about
-8200 (nano, B=16), 4340 (tiny, B=8) and 2050 (base_shallow_decoder, B=4); the fc1 shape
-[rows, D] → 4·D. FLOPs: 2·M·K·N forward, three times that forward + backward.
+Shapes: fc1's at each size, [rows, D] → 4·D (mlp_shapes.py). FLOPs: 2·M·K·N forward, three
+times that forward + backward.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mlp_shapes import CASES, fc1_inputs
 from olmoearth_fast.ops import linear as lin
 
 if torch.cuda.is_available():  # pragma: no cover - CUDA runs F.linear
     pytest.skip("CPU op (CUDA runs F.linear)", allow_module_level=True)
 
-CASES = {"nano": (8192, 128), "tiny": (4340, 192), "base": (2048, 768)}  # rows, D
 
 
 @pytest.mark.parametrize("size", list(CASES))
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 def test_linear(bench, pass_, size):
-    m, d = CASES[size]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(m, d, generator=g, requires_grad=True)
-    w = (torch.randn(4 * d, d, generator=g) / d ** 0.5).requires_grad_()
-    b = (0.1 * torch.randn(4 * d, generator=g)).requires_grad_()
-    grad = torch.randn(m, 4 * d, generator=g)
+    x, w, b, grad = fc1_inputs(size)
+    m, d = x.shape
     torch.testing.assert_close(lin.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
     def step(fn):

@@ -15,7 +15,8 @@ oneDNN (with ``Wᵀ`` as its weight) measured 0.50 against 0.53 s per step, but 
 gradients after it slowed by as much.
 
 Elsewhere (CUDA, other dtypes, autocast, inside ``torch.compile``, PyTorch built without
-oneDNN, ``OLMOEARTH_FAST_KERNELS=pytorch``) it is ``F.linear``.
+oneDNN, ``OLMOEARTH_FAST_KERNELS=pytorch``) it is ``F.linear``. On Intel CPUs, where MKL runs
+AVX-512 kernels too, the choice has not been measured (benchmarks/bench_linear.py times it).
 """
 
 from __future__ import annotations
