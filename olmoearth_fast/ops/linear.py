@@ -6,13 +6,13 @@ oneDNN, the op Inductor's CPU backend uses for Linear layers) instead of MKL's s
 gradients stay on MKL (`torch.mm`): ``dX = dY·W``, ``dW = dYᵀ·X``, ``db = Σ_rows dY``.
 
 Why: on the AMD EPYC (Zen 4) CPUs this project is benchmarked on, MKL's sgemm takes its AVX2
-code path, while oneDNN's inner product uses AVX-512. At the blocks' shapes ([4340, 192] ×
-[192, 768] at tiny, fp32, 2 threads) the forward GEMM alone is 1.3-1.5× faster. In the training
-step (forward GEMMs timed inside it, toggled step by step), the forward GEMMs took 0.48 against
-0.51-0.53 s per tiny step. The gradients stay on MKL: ``dW`` contracts over the rows, which
-the inner product cannot take without transposed copies of the activations. ``dX`` through
-oneDNN (with ``Wᵀ`` as its weight) measured 0.50 against 0.53 s per step, but the weight
-gradients after it slowed by as much.
+code path, while oneDNN's inner product uses AVX-512. At fc1's shapes (fp32, 2 threads;
+benchmarks/bench_linear.py) the forward GEMM alone is 1.2× (nano, tiny) to 1.3× (base) faster.
+In the training step (forward GEMMs timed inside it, toggled step by step), the forward GEMMs
+took 0.48 against 0.51-0.53 s per tiny step. The gradients stay on MKL: ``dW`` contracts over
+the rows, which the inner product cannot take without transposed copies of the activations.
+``dX`` through oneDNN (with ``Wᵀ`` as its weight) measured 0.50 against 0.53 s per step, but
+the weight gradients after it slowed by as much.
 
 Elsewhere (CUDA, other dtypes, autocast, inside ``torch.compile``, PyTorch built without
 oneDNN, ``OLMOEARTH_FAST_KERNELS=pytorch``) it is ``F.linear``. On Intel CPUs, where MKL runs
