@@ -25,7 +25,6 @@ if torch.cuda.is_available():  # pragma: no cover - the C++ op is CPU only
     pytest.skip("CPU op (CUDA runs Linear → GELU)", allow_module_level=True)
 
 
-
 @pytest.mark.parametrize("size", list(CASES))
 @pytest.mark.parametrize("provider", ["ours", "ref"])
 def test_fc1_gelu_fwd_bwd(bench, provider, size):

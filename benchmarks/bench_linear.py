@@ -24,7 +24,6 @@ if torch.cuda.is_available():  # pragma: no cover - CUDA runs F.linear
     pytest.skip("CPU op (CUDA runs F.linear)", allow_module_level=True)
 
 
-
 @pytest.mark.parametrize("size", list(CASES))
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 def test_linear(bench, pass_, size):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -172,10 +173,7 @@ def _segment_bwd(grad_out, q, k, v, out, lse, q_cu, k_cu, scale, dq, dk, dv, out
 
 def _inner_product(x, w, b, attr, scalars, algorithm, out_shape=None, **kwargs):
     """oneDNN's Linear forward (`ops.linear`): 2·M·K·N."""
-    rows = 1
-    for n in x[:-1]:
-        rows *= n
-    return 2 * rows * x[-1] * w[0]
+    return 2 * math.prod(x[:-1]) * x[-1] * w[0]
 
 
 _COUNTER_EXTRAS = {torch.ops.mkldnn._linear_pointwise: _inner_product,
