@@ -37,7 +37,7 @@ CATEGORIES = [
     ("attention", r"scaled_dot_product|flash_attention|efficient_attention|varlen|segment_attention"),
     ("optimizer", r"adam|_foreach|lerp|addcdiv|addcmul|_fused"),
     ("matmul", r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|conv|convolution|mkldnn_conv|_convolution|"
-               r"convolution_backward|_slow_conv|mkldnn_linear)"),
+               r"convolution_backward|_slow_conv|mkldnn_linear)|^mkldnn::_linear_pointwise"),
     ("data movement / indexing", r"copy|cat|stack|index|gather|scatter|fill|zero|clone|contiguous|narrow|"
                                  r"split|select_backward|slice_backward|masked|where|nonzero|_to_copy|empty|"
                                  r"olmoearth_fast::(gather|scatter|varlen|merge)"),

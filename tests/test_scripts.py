@@ -46,3 +46,18 @@ def test_loss_curve_windows_and_verdict():
     assert not verdict["ok"] and verdict["max_abs_diff"] == pytest.approx(0.05, abs=0.01)
     assert "DIFFER" in verdict["text"]
     assert mod.within_noise(mod.paired_windows([1.0], [1.0], 20))["text"].startswith("curves too short")
+
+
+def test_profile_step_categories():
+    pytest.importorskip("olmoearth_pretrain")
+    categorise = _load("profile_step").categorise
+    expected = {
+        "aten::mm": "matmul", "aten::addmm": "matmul", "mkldnn::_linear_pointwise": "matmul",
+        "aten::convolution_backward": "matmul",
+        "olmoearth_fast::segment_attention_fwd": "attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+        "olmoearth_fast::bias_gelu_bwd": "elementwise / norms", "aten::native_layer_norm": "elementwise / norms",
+        "olmoearth_fast::gather_rows": "data movement / indexing", "aten::copy_": "data movement / indexing",
+        "aten::_fused_adamw_": "optimizer",
+    }
+    assert {name: categorise(name) for name in expected} == expected
