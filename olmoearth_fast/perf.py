@@ -22,7 +22,8 @@ pixels need none); the frozen target has no backward. Elementwise work (norms, a
 the optimizer) is listed apart in ``elementwise``; it is memory-bound, not FLOP-bound.
 
 `peak_flops(device)` is the limit those FLOPs are measured against: on CPU a large fp32 matmul
-timed once per process at the current thread count, on GPUs the bf16 dense tensor-core peak
+timed once per process at the current thread count (the faster of MKL's sgemm and oneDNN's inner
+product, the two GEMMs the step uses), on GPUs the bf16 dense tensor-core peak
 from a table. `gpu_step_floor` turns the work into a paper time floor on a GPU (FLOPs at the
 tensor-core peak, bytes at HBM bandwidth, kernel launches at a few µs each); it is a prediction
 until a GPU measures it.
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from olmoearth_fast.modalities import MODALITIES, MaskValue, TokenizationConfig, as_tokenization
 from olmoearth_fast.model.layout import TokenLayout
+from olmoearth_fast.ops.linear import linear
 from olmoearth_fast.ops.patch_embed import embeds_only_rows
 
 ONLINE, DECODER = int(MaskValue.ONLINE_ENCODER), int(MaskValue.DECODER)
@@ -255,19 +257,25 @@ _CPU_PEAK: dict[int, float] = {}
 
 
 def _time_matmul(threads: int, n: int, reps: int) -> float:
-    """fp32 FLOP/s of an ``n``² matmul at ``threads``, best of ``reps`` after one warm-up."""
+    """fp32 FLOP/s of an ``n``² matmul at ``threads``: the best of ``reps`` timings (after one
+    warm-up) of each fp32 GEMM the training step uses, taken over both: MKL's sgemm
+    (``torch.mm``: the Linear gradients, the reference's Linear layers) and oneDNN's inner
+    product (`ops.linear.linear`: the blocks' Linear forward on CPU; it is ``F.linear`` where
+    that op is not taken). On AMD CPUs MKL runs its AVX2 kernels, oneDNN AVX-512: there oneDNN's
+    is ~15% faster, and a peak probed with MKL alone would let the step's GEMMs pass 100% of it."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(0)  # its own generator: training's RNG stream is untouched
         a, bm = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
         out = torch.empty(n, n)
-        torch.mm(a, bm, out=out)
         best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.mm(a, bm, out=out)
-            best = min(best, time.perf_counter() - t0)
+        for matmul in (lambda: torch.mm(a, bm, out=out), lambda: linear(a, bm)):
+            matmul()
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                matmul()
+                best = min(best, time.perf_counter() - t0)
     finally:
         torch.set_num_threads(old)
     return 2.0 * n ** 3 / best
@@ -275,8 +283,9 @@ def _time_matmul(threads: int, n: int, reps: int) -> float:
 
 def measure_cpu_peak(threads: int | None = None, n: int = 2048, reps: int = 3, fresh: bool = False) -> float:
     """fp32 FLOP/s of a large square matmul at ``threads`` (default: torch's current count),
-    best of ``reps`` after one warm-up; cached per thread count (about 0.5 s the first time on a
-    2-core machine, where it reads 180–205 GFLOP/s). ``fresh``: measure again now and leave the
+    the faster of MKL's and oneDNN's (`_time_matmul`), best of ``reps`` after one warm-up;
+    cached per thread count (about 1 s the first time on a 2-core machine, where it reads
+    205–220 GFLOP/s on the AMD EPYC VMs: oneDNN's; MKL's sgemm reads 175–195). ``fresh``: measure again now and leave the
     cache alone (a shared machine's speed drifts; `benchmarks/conftest.py` probes it beside each
     round of an interleaved benchmark)."""
     threads = threads or torch.get_num_threads()
@@ -304,7 +313,8 @@ def peak_flops(device: torch.device | str) -> tuple[float, str]:
         if spec is None:
             raise ValueError(f"no bf16 peak known for {name!r}; add it to perf.GPU_SPECS")
         return spec[0], f"{name} bf16 dense (datasheet)"
-    return measure_cpu_peak(), f"cpu fp32 matmul at {torch.get_num_threads()} threads (measured)"
+    return measure_cpu_peak(), (f"cpu fp32 matmul at {torch.get_num_threads()} threads (measured: the faster of "
+                                "MKL's sgemm and oneDNN's inner product)")
 
 
 # ---------------------------------------------------------------------------------------------

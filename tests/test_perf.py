@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,14 @@ def test_measuring_the_peak_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     perf.measure_cpu_peak(1, n=128, reps=1)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_cpu_peak_is_the_faster_of_the_two_gemms(monkeypatch):
+    """Both fp32 GEMMs of the step are timed (MKL's `torch.mm`, `ops.linear`'s oneDNN inner
+    product) and the faster sets the peak."""
+    n = 256
+    calls = []
+    monkeypatch.setattr(perf, "linear", lambda a, b: calls.append(b.shape))  # a "GEMM" that takes no time
+    assert perf.measure_cpu_peak(1, n=n, reps=2, fresh=True) > 1e13 and calls == [(n, n)] * 3
+    monkeypatch.setattr(perf, "linear", lambda a, b: time.sleep(0.05))  # one slower than any sgemm
+    assert perf.measure_cpu_peak(1, n=n, reps=2, fresh=True) > 10 * 2 * n ** 3 / 0.05  # torch.mm's time counted
