@@ -195,7 +195,8 @@ def bench(benchmark, request):
             f = (flops or {}).get(n)
             flop_s = f / med if f else None
             _RESULTS.append({"group": group, "provider": n, "median_s": med, "min_s": min(times[n]), "rounds": rounds,
-                             "peak_bytes": None, "min_bytes_gbps": None, "flop_s": flop_s,
+                             "peak_bytes": None, "flop_s": flop_s,
+                             "min_bytes_gbps": info["min_bytes"] / med / 1e9 if "min_bytes" in info else None,
                              "peak_fraction": flop_s / peak if flop_s else None,
                              "device_peak_flop_s": peak if flop_s else None,
                              "peak_probes": probes or None,

@@ -1,5 +1,5 @@
 // AVX-512 helpers shared by the CPU kernels (segment_attention.cpp, bias_gelu.cpp,
-// resize_patches.cpp).
+// resize_patches.cpp, transpose.cpp).
 //
 // The kernels are compiled for any x86-64 host with a target attribute (no -mavx512f for the
 // whole file) and run only where `cpu_has_avx512()`; elsewhere (no AVX-512F, a non-x86 build, or
@@ -29,6 +29,33 @@ inline bool cpu_has_avx512() {
 // lanes j..j+15 of a row of n floats that lie inside it (j < n)
 OEF_AVX512 inline __mmask16 tail_mask(int64_t j, int64_t n) {
   return j + 16 <= n ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+}
+
+// r[i] (16 rows of 16 floats) -> r[c] = column c: the usual three-stage shuffle transpose
+// (pairs of floats, pairs of doubles, then 128-bit lanes twice).
+OEF_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(u[8 * i + j], u[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
 }
 
 // e^r · 2^n for |r| <= 0.35: e^r by its degree-6 Taylor polynomial, then scalef.

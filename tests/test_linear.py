@@ -1,4 +1,4 @@
-"""`ops.linear`: oneDNN's inner product forward + MKL gradients equal PyTorch's Linear."""
+"""`ops.linear`: oneDNN's inner product forward, MKL or oneDNN gradients, equal PyTorch's Linear."""
 
 import pytest
 import torch
@@ -47,6 +47,28 @@ def test_values_and_gradients_equal_pytorch_linear(shape, n, bias, count_calls):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("frozen", [False, True])
+def test_wide_layers_take_their_gradients_through_onednn(frozen, count_calls):
+    if not lin.transpose_kernel_available():
+        pytest.skip("no AVX-512F: the transposes (ops.transpose) and so the oneDNN gradients are off")
+    d = lin.ONEDNN_BACKWARD_MIN_DIM
+    x, w, b, grad = _inputs((4, 70, d + 8), d)  # both weight dims at the threshold or above
+    if frozen:
+        w = w.detach()
+    params = [t for t in (x, w, b) if t.requires_grad]
+    out = lin.linear(x, w, b)
+    grads = torch.autograd.grad(out, params, grad)
+    ref_grads = torch.autograd.grad(F.linear(x, w, b), params, grad)
+    rows = x[..., 0].numel()
+    # forward, then dX = dY·(Wᵀ)ᵀ and (where W trains) dW = (dYᵀ)·(Xᵀ)ᵀ: all three on oneDNN
+    assert count_calls == [(rows, d + 8), (rows, d)] + ([] if frozen else [(d, rows)])
+    for got, want in zip(grads, ref_grads):  # dW sums 280 products of O(1) terms: |dW| ~ 17
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    again = torch.autograd.grad(lin.linear(x, w, b), params, grad)
+    assert all(torch.equal(a, c) for a, c in zip(grads, again))  # repeatable bit for bit
 
 
 @needs_kernel

@@ -1,18 +1,21 @@
-"""The transformer blocks' Linear layers on CPU in fp32: oneDNN's inner product forward.
+"""The transformer blocks' Linear layers on CPU in fp32: oneDNN's inner product.
 
 ``linear(x, weight, bias)`` = ``F.linear(x, weight, bias)`` (`linear_ref`). On CPU in fp32 the
 forward runs oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, PyTorch's binding of
-oneDNN, the op Inductor's CPU backend uses for Linear layers) instead of MKL's sgemm; the
-gradients stay on MKL (`torch.mm`): ``dX = dY·W``, ``dW = dYᵀ·X``, ``db = Σ_rows dY``.
+oneDNN, the op Inductor's CPU backend uses for Linear layers) instead of MKL's sgemm. The
+gradients ``dX = dY·W``, ``dW = dYᵀ·X`` run on MKL (`torch.mm`) where the layer is narrow (a
+weight dim below `ONEDNN_BACKWARD_MIN_DIM`: nano, tiny, small) and on oneDNN's inner product
+where it is wide (base, large), with the operands it needs transposed by `ops.transpose`
+(`_backward_on_onednn` has the measurements). ``db = Σ_rows dY``.
 
 Why: on the AMD EPYC (Zen 4) CPUs this project is benchmarked on, MKL's sgemm takes its AVX2
-code path, while oneDNN's inner product uses AVX-512. At fc1's shapes (fp32, 2 threads;
-benchmarks/bench_linear.py) the forward GEMM alone is 1.2× (nano, tiny) to 1.3× (base) faster.
-In the training step (forward GEMMs timed inside it, toggled step by step), the forward GEMMs
-took 0.48 against 0.51-0.53 s per tiny step. The gradients stay on MKL: ``dW`` contracts over
-the rows, which the inner product cannot take without transposed copies of the activations.
-``dX`` through oneDNN (with ``Wᵀ`` as its weight) measured 0.50 against 0.53 s per step, but
-the weight gradients after it slowed by as much.
+code path, while oneDNN's inner product uses AVX-512 (a 2048² matmul: ~215 against ~180
+GFLOP/s). At fc1's shapes (fp32, 2 threads; benchmarks/bench_linear.py) the forward GEMM alone
+is 1.2× (nano, tiny) to 1.3× (base) faster. In the training step (forward GEMMs timed inside it,
+toggled step by step), the forward GEMMs took 0.48 against 0.51-0.53 s per tiny step. The
+inner product contracts over the operands' rows only, so ``dW`` (a contraction over the tokens)
+needs ``dYᵀ`` and ``Xᵀ`` copied out: M·(N + K) floats moved for 2·M·N·K FLOPs, which pays only
+where N and K are both large.
 
 Elsewhere (CUDA, other dtypes, autocast, inside ``torch.compile``, PyTorch built without
 oneDNN, ``OLMOEARTH_FAST_KERNELS=pytorch``) it is ``F.linear``. On Intel CPUs, where MKL runs
@@ -28,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from olmoearth_fast.ops import forced_kernels
+from olmoearth_fast.ops.transpose import kernel_available as transpose_kernel_available
+from olmoearth_fast.ops.transpose import transpose
 
 
 @functools.cache
@@ -52,8 +57,27 @@ def _inner_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+# Both weight dims at least this: the gradients go through oneDNN too (`_backward_on_onednn`).
+ONEDNN_BACKWARD_MIN_DIM = 512
+
+
+def _backward_on_onednn(weight: Tensor) -> bool:
+    """Whether a Linear with this ``weight [N, K]`` computes its gradients with oneDNN's inner
+    product: ``dX = dY · (Wᵀ)ᵀ`` and ``dW = (dYᵀ) · (Xᵀ)ᵀ``, the transposes by `ops.transpose`.
+
+    The transposes move M·(N + K) floats for 2·M·N·K FLOPs of ``dW``, so they pay where N and K
+    are both large. Measured in the exp14 step (Linear backwards timed inside it, toggled step by
+    step): base (D = 768) 4.25-4.66 against 4.65-5.02 s of Linear backward per step; small
+    (D = 384) 2.64 against 2.57 s and tiny (D = 192) 1.11 against 1.02 s, slower: MKL there.
+    Mixing the two libraries in one backward gained nothing (oneDNN's ``dW`` alone, or ``dX``
+    alone: 5.02 and 4.91 against 5.02 s at base).
+    """
+    return min(weight.shape) >= ONEDNN_BACKWARD_MIN_DIM and transpose_kernel_available()
+
+
 class _Linear(torch.autograd.Function):
-    """x [M, K] · weightᵀ [K, N] (+ bias): oneDNN forward, MKL gradients."""
+    """x [M, K] · weightᵀ [K, N] (+ bias): oneDNN forward; gradients on MKL, or on oneDNN where
+    `_backward_on_onednn`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -64,8 +88,13 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        dx = grad.mm(weight) if ctx.needs_input_grad[0] else None
-        dw = grad.t().mm(x) if ctx.needs_input_grad[1] else None
+        if _backward_on_onednn(weight):
+            grad = grad.contiguous()
+            dx = _inner_product(grad, transpose(weight), None) if ctx.needs_input_grad[0] else None
+            dw = _inner_product(transpose(grad), transpose(x), None) if ctx.needs_input_grad[1] else None
+        else:
+            dx = grad.mm(weight) if ctx.needs_input_grad[0] else None
+            dw = grad.t().mm(x) if ctx.needs_input_grad[1] else None
         db = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
