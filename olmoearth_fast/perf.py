@@ -254,15 +254,17 @@ def num_parameters(model_cfg, tokenization: TokenizationConfig) -> int:
 
 
 _CPU_PEAK: dict[int, float] = {}
+_WARM: set[tuple[int, int]] = set()  # (threads, n) already timed once in this process
 
 
 def _time_matmul(threads: int, n: int, reps: int) -> float:
-    """fp32 FLOP/s of an ``n``² matmul at ``threads``: the best of ``reps`` timings (after one
-    warm-up) of each fp32 GEMM the training step uses, taken over both: MKL's sgemm
-    (``torch.mm``: the Linear gradients, the reference's Linear layers) and oneDNN's inner
-    product (`ops.linear.linear`: the blocks' Linear forward on CPU; it is ``F.linear`` where
-    that op is not taken). On AMD CPUs MKL runs its AVX2 kernels, oneDNN AVX-512: there oneDNN's
-    is ~15% faster, and a peak probed with MKL alone would let the step's GEMMs pass 100% of it."""
+    """fp32 FLOP/s of an ``n``² matmul at ``threads``: the best of ``reps`` timings of each fp32
+    GEMM the training step uses, taken over both: MKL's sgemm (``torch.mm``: the Linear
+    gradients of narrow layers, the reference's Linear layers) and oneDNN's inner product
+    (`ops.linear.linear`: the blocks' Linear layers on CPU; it is ``F.linear`` where that op is
+    not taken). On AMD CPUs MKL runs its AVX2 kernels, oneDNN AVX-512: there oneDNN's is ~15%
+    faster, and a peak probed with MKL alone would let the step's GEMMs pass 100% of it. The
+    first call per (threads, n) warms each GEMM up with an untimed call first."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -271,11 +273,13 @@ def _time_matmul(threads: int, n: int, reps: int) -> float:
         out = torch.empty(n, n)
         best = float("inf")
         for matmul in (lambda: torch.mm(a, bm, out=out), lambda: linear(a, bm)):
-            matmul()
+            if (threads, n) not in _WARM:
+                matmul()
             for _ in range(reps):
                 t0 = time.perf_counter()
                 matmul()
                 best = min(best, time.perf_counter() - t0)
+        _WARM.add((threads, n))
     finally:
         torch.set_num_threads(old)
     return 2.0 * n ** 3 / best
@@ -283,11 +287,11 @@ def _time_matmul(threads: int, n: int, reps: int) -> float:
 
 def measure_cpu_peak(threads: int | None = None, n: int = 2048, reps: int = 3, fresh: bool = False) -> float:
     """fp32 FLOP/s of a large square matmul at ``threads`` (default: torch's current count),
-    the faster of MKL's and oneDNN's (`_time_matmul`), best of ``reps`` after one warm-up;
-    cached per thread count (about 1 s the first time on a 2-core machine, where it reads
-    205–220 GFLOP/s on the AMD EPYC VMs: oneDNN's; MKL's sgemm reads 175–195). ``fresh``: measure again now and leave the
+    the faster of MKL's and oneDNN's, best of ``reps`` (`_time_matmul`); cached per thread count
+    (about 1 s the first time on a 2-core machine, where it reads 205–220 GFLOP/s on the AMD
+    EPYC VMs, oneDNN's; MKL's sgemm reads 175–195). ``fresh``: measure again now and leave the
     cache alone (a shared machine's speed drifts; `benchmarks/conftest.py` probes it beside each
-    round of an interleaved benchmark)."""
+    round of an interleaved benchmark: about 0.3 s a probe at ``reps=1``)."""
     threads = threads or torch.get_num_threads()
     if fresh:
         return _time_matmul(threads, n, reps)
