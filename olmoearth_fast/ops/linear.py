@@ -67,10 +67,11 @@ def _backward_on_onednn(weight: Tensor) -> bool:
 
     The transposes move M·(N + K) floats for 2·M·N·K FLOPs of ``dW``, so they pay where N and K
     are both large. Measured in the exp14 step (Linear backwards timed inside it, toggled step by
-    step): base (D = 768) 4.25-4.66 against 4.65-5.02 s of Linear backward per step; small
-    (D = 384) 2.64 against 2.57 s and tiny (D = 192) 1.11 against 1.02 s, slower: MKL there.
-    Mixing the two libraries in one backward gained nothing (oneDNN's ``dW`` alone, or ``dX``
-    alone: 5.02 and 4.91 against 5.02 s at base).
+    step): base (D = 768) 4.25-4.66 against 4.65-5.02 s of Linear backward per step, and the
+    whole step 1.12× faster; small (D = 384) 2.64 against 2.57 s; tiny (D = 192) 1.11, 1.14,
+    1.24 against 1.02, 1.23, 1.18 s, no gain this machine resolves: MKL there. Mixing the two
+    libraries in one backward gained nothing (oneDNN's ``dW`` alone, or ``dX`` alone: 5.02 and
+    4.91 against 5.02 s at base).
     """
     return min(weight.shape) >= ONEDNN_BACKWARD_MIN_DIM and transpose_kernel_available()
 
