@@ -2,6 +2,7 @@
 segment): values and the gradients of q, k and v, on the shapes the model produces."""
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -139,7 +140,16 @@ def test_bad_offsets_are_refused():
         torch.ops.olmoearth_fast.segment_attention_fwd(x, x, x, [0, 6], [0, 6], 0.25)
 
 
-@pytest.mark.parametrize("source", ["segment_attention.cpp", "bias_gelu.cpp", "resize_patches.cpp"])
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+AVX512_SOURCES = sorted(name for name in os.listdir(_CSRC) if name.endswith(".cpp")
+                        and '"avx512_math.h"' in open(os.path.join(_CSRC, name)).read())
+
+
+def test_every_avx512_source_is_checked():
+    assert {"segment_attention.cpp", "bias_gelu.cpp", "resize_patches.cpp", "transpose.cpp"} <= set(AVX512_SOURCES)
+
+
+@pytest.mark.parametrize("source", AVX512_SOURCES)
 def test_builds_without_the_avx512_kernels(tmp_path, source):
     """The C++ files with AVX-512 kernels (csrc/avx512_math.h) compile where the kernels cannot
     (aarch64, or -DOEF_NO_AVX512): the ops then report themselves unavailable and their
