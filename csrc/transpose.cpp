@@ -8,7 +8,7 @@
 // against 1.4 ms for a plain copy of it), which ate most of what the faster GEMM saves. Here each
 // 16×16 block goes through registers (the shuffle transpose of avx512_math.h): 16 rows' cache
 // lines in, 16 whole cache lines out, parallel over bands of 64 input rows; where the output's
-// rows are whole cache lines, the stores stream past the caches (3.5-4.7× the strided copy at
+// rows are whole cache lines, the stores stream past the caches (2.4-4.7× the strided copy at
 // the Linear layers' shapes, benchmarks/bench_transpose.py; 3.1-3.8× with plain stores).
 
 #include <ATen/ATen.h>
