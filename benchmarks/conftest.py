@@ -136,8 +136,7 @@ def bench(benchmark, request):
             rounds = int(min(max(1.0 / dt, 3), 200))
         benchmark.pedantic(timed, setup=_flush_l2, rounds=rounds, iterations=1)
         stats = benchmark.stats.stats
-        # achieved bandwidth against the least traffic the op needs (benchmarks that pass it)
-        gbps = info["min_bytes"] / stats.median / 1e9 if "min_bytes" in info else None
+        gbps = _gbps(info, stats.median)
         flop_s = info["flops"] / stats.median if info.get("flops") else None
         frac = flop_s / _device_peak()[0] if flop_s else None
         _RESULTS.append({"group": group, "provider": provider, "median_s": stats.median,
@@ -196,7 +195,7 @@ def bench(benchmark, request):
             flop_s = f / med if f else None
             _RESULTS.append({"group": group, "provider": n, "median_s": med, "min_s": min(times[n]), "rounds": rounds,
                              "peak_bytes": None, "flop_s": flop_s,
-                             "min_bytes_gbps": info["min_bytes"] / med / 1e9 if "min_bytes" in info else None,
+                             "min_bytes_gbps": _gbps(info, med),
                              "peak_fraction": flop_s / peak if flop_s else None,
                              "device_peak_flop_s": peak if flop_s else None,
                              "peak_probes": probes or None,
@@ -218,6 +217,11 @@ def bench(benchmark, request):
 
     run.paired = paired
     return run
+
+
+def _gbps(info: dict, median_s: float) -> float | None:
+    """Achieved bandwidth against the least traffic the op needs (benchmarks that pass ``min_bytes``)."""
+    return info["min_bytes"] / median_s / 1e9 if "min_bytes" in info else None
 
 
 _PEAK: tuple[float, str] | None = None

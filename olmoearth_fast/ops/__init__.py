@@ -31,6 +31,14 @@ def forced_kernels() -> str | None:
     return None if value == "auto" else value
 
 
+def eager_cpu_fp32(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a CPU fp32 tensor outside CPU autocast and ``torch.compile``, and the
+    kernels are not forced to PyTorch: where the CPU C++ / oneDNN paths of `ops.bias_gelu` and
+    `ops.linear` apply (each adds whether its own kernel is available)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and forced_kernels() != "pytorch")
+
+
 def no_autocast(device: torch.device):
     """Autocast off on `device` for the enclosed ops (an op that computes in its input's dtype)."""
     if torch.amp.is_autocast_available(device.type):

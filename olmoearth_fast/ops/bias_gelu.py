@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from olmoearth_fast import _C  # noqa: F401  (loads the C++ library: registers the ops)
-from olmoearth_fast.ops import forced_kernels
+from olmoearth_fast.ops import eager_cpu_fp32
 
 _ops = torch.ops.olmoearth_fast
 
@@ -31,8 +31,7 @@ def kernel_available() -> bool:
 
 def uses_kernel(x: Tensor) -> bool:
     """Whether an MLP input like ``x`` takes `bias_gelu`'s C++ op."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and forced_kernels() != "pytorch" and kernel_available())
+    return eager_cpu_fp32(x) and kernel_available()
 
 
 class _BiasGelu(torch.autograd.Function):

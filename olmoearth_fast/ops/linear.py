@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from olmoearth_fast.ops import forced_kernels
+from olmoearth_fast.ops import eager_cpu_fp32
 from olmoearth_fast.ops.transpose import kernel_available as transpose_kernel_available
 from olmoearth_fast.ops.transpose import transpose
 
@@ -49,8 +49,7 @@ def kernel_available() -> bool:
 
 def uses_kernel(x: Tensor) -> bool:
     """Whether `linear` takes oneDNN's inner product for inputs like ``x``."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and forced_kernels() != "pytorch" and kernel_available())
+    return eager_cpu_fp32(x) and kernel_available()
 
 
 def _inner_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
