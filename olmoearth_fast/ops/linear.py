@@ -2,10 +2,11 @@
 
 ``linear(x, weight, bias)`` = ``F.linear(x, weight, bias)`` (`linear_ref`). On CPU in fp32 the
 forward runs oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, PyTorch's binding of
-oneDNN, the op Inductor's CPU backend uses for Linear layers) instead of MKL's sgemm. The
-gradients ``dX = dY·W``, ``dW = dYᵀ·X`` run on MKL (`torch.mm`) where the layer is narrow (a
-weight dim below `ONEDNN_BACKWARD_MIN_DIM`: nano, tiny, small) and on oneDNN's inner product
-where it is wide (base, large), with the operands it needs transposed by `ops.transpose`
+oneDNN, the op Inductor's CPU backend uses for Linear layers) instead of MKL's sgemm. The input
+gradient ``dX = dY·W`` runs on oneDNN's inner product too, against ``Wᵀ`` (a copy of the weight,
+transposed by `ops.transpose`). The weight gradient ``dW = dYᵀ·X`` runs on MKL (`torch.mm`) where
+the layer is narrow (a weight dim below `ONEDNN_BACKWARD_MIN_DIM`: nano, tiny, small) and on
+oneDNN where it is wide (base, large), with ``dYᵀ`` and ``Xᵀ`` transposed by `ops.transpose`
 (`_backward_on_onednn` has the measurements). ``db = Σ_rows dY``.
 
 Why: on the AMD EPYC (Zen 4) CPUs this project is benchmarked on, MKL's sgemm takes its AVX2
@@ -15,7 +16,12 @@ is 1.2× (nano, tiny) to 1.3× (base) faster. In the training step (forward GEMM
 toggled step by step), the forward GEMMs took 0.48 against 0.51-0.53 s per tiny step. The
 inner product contracts over the operands' rows only, so ``dW`` (a contraction over the tokens)
 needs ``dYᵀ`` and ``Xᵀ`` copied out: M·(N + K) floats moved for 2·M·N·K FLOPs, which pays only
-where N and K are both large.
+where N and K are both large. ``dX`` needs only ``Wᵀ`` (N·K floats, the weight's size), which
+pays at every size: timed per layer inside the step, with the choice toggled step by step
+(dX GEMM per step, MKL → oneDNN): nano fc1 59.0 → 46.7 ms and fc2 58.7 → 49.5 ms, tiny fc1
+178.7 → 157.8 and fc2 181.6 → 156.8, small_shallow_decoder fc1 426.5 → 350.0 and fc2
+429.2 → 367.4; the square projections within ±7% either way. Linear gradients per step in all:
+nano 348 → 322 ms, tiny 1076 → 1024 ms, small 2505 → 2338 ms.
 
 Elsewhere (CUDA, other dtypes, autocast, inside ``torch.compile``, PyTorch built without
 oneDNN, ``OLMOEARTH_FAST_KERNELS=pytorch``) it is ``F.linear``. On Intel CPUs, where MKL runs
@@ -61,23 +67,23 @@ ONEDNN_BACKWARD_MIN_DIM = 512
 
 
 def _backward_on_onednn(weight: Tensor) -> bool:
-    """Whether a Linear with this ``weight [N, K]`` computes its gradients with oneDNN's inner
-    product: ``dX = dY · (Wᵀ)ᵀ`` and ``dW = (dYᵀ) · (Xᵀ)ᵀ``, the transposes by `ops.transpose`.
+    """Whether a Linear with this ``weight [N, K]`` computes its weight gradient with oneDNN's
+    inner product too, ``dW = (dYᵀ) · (Xᵀ)ᵀ``, the transposes by `ops.transpose` (``dX`` always
+    does).
 
     The transposes move M·(N + K) floats for 2·M·N·K FLOPs of ``dW``, so they pay where N and K
     are both large. Measured in the exp14 step (Linear backwards timed inside it, toggled step by
     step): base (D = 768) 4.25-4.66 against 4.65-5.02 s of Linear backward per step, and the
     whole step 1.12× faster; small (D = 384) 2.64 against 2.57 s; tiny (D = 192) 1.11, 1.14,
-    1.24 against 1.02, 1.23, 1.18 s, no gain this machine resolves: MKL there. Mixing the two
-    libraries in one backward gained nothing (oneDNN's ``dW`` alone, or ``dX`` alone: 5.02 and
-    4.91 against 5.02 s at base).
+    1.24 against 1.02, 1.23, 1.18 s, no gain this machine resolves: MKL there. At base, oneDNN's
+    ``dW`` alone, or ``dX`` alone, gained nothing (5.02 and 4.91 against 5.02 s): the pair pays.
     """
     return min(weight.shape) >= ONEDNN_BACKWARD_MIN_DIM and transpose_kernel_available()
 
 
 class _Linear(torch.autograd.Function):
-    """x [M, K] · weightᵀ [K, N] (+ bias): oneDNN forward; gradients on MKL, or on oneDNN where
-    `_backward_on_onednn`."""
+    """x [M, K] · weightᵀ [K, N] (+ bias): oneDNN forward and input gradient; the weight gradient
+    on MKL, or on oneDNN where `_backward_on_onednn`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -88,13 +94,14 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        if _backward_on_onednn(weight):
-            grad = grad.contiguous()
-            dx = _inner_product(grad, transpose(weight), None) if ctx.needs_input_grad[0] else None
-            dw = _inner_product(transpose(grad), transpose(x), None) if ctx.needs_input_grad[1] else None
+        grad = grad.contiguous()
+        dx = _inner_product(grad, transpose(weight), None) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[1]:
+            dw = None
+        elif _backward_on_onednn(weight):
+            dw = _inner_product(transpose(grad), transpose(x), None)
         else:
-            dx = grad.mm(weight) if ctx.needs_input_grad[0] else None
-            dw = grad.t().mm(x) if ctx.needs_input_grad[1] else None
+            dw = grad.t().mm(x)
         db = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
