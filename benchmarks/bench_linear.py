@@ -2,9 +2,10 @@
 
 Providers:
 
-* ``ours``: `olmoearth_fast.ops.linear`: on CPU in fp32, oneDNN's inner product forward; the
-  gradients on MKL's sgemm (nano, tiny), or at base (both weight dims ≥ 512) on oneDNN's inner
-  product too, with the operands transposed by `ops.transpose`;
+* ``ours``: `olmoearth_fast.ops.linear`: on CPU in fp32, oneDNN's inner product forward and input
+  gradient (against the weight transposed by `ops.transpose`); the weight gradient on MKL's sgemm
+  (nano, tiny), or at base (both weight dims ≥ 512) on oneDNN's inner product too, with the
+  operands transposed by `ops.transpose`;
 * ``ref``: ``F.linear`` (MKL's sgemm), what the reference's ``nn.Linear`` runs.
 
 The two are timed interleaved, call by call in turn (`bench.paired`): on a shared VM whose
