@@ -1,10 +1,11 @@
-"""The 2-D transpose behind the wide Linear layers' weight gradients (`ops.transpose`).
+"""The 2-D transpose behind the Linear layers' oneDNN gradients (`ops.transpose`).
 
 Providers: ``ours`` (csrc/transpose.cpp: 16×16 blocks through AVX-512 registers) and ``ref``
 (``x.t().contiguous()``, PyTorch's strided copy), timed interleaved call by call
 (`bench.paired`). Shapes: what base's fc1 transposes for its weight gradient at the exp14 step's
-rows (dYᵀ of [2048, 3072], Xᵀ of [2048, 768]), and tiny's widest ([4340, 768]). Bytes: the
-matrix read once and written once.
+rows (dYᵀ of [2048, 3072], Xᵀ of [2048, 768]), and tiny's widest ([4340, 768]); the weights'
+own transposes for the input gradient are a few MB at most. Bytes: the matrix read once and
+written once.
 """
 
 import pytest

@@ -2,10 +2,11 @@
 // strided; its last dim must be contiguous). Values are copied, never computed: bit-identical
 // to x.t().contiguous().
 //
-// Why: the Linear weight gradient dW = dYᵀ·X runs on oneDNN's inner product
-// (olmoearth_fast/ops/linear.py), which takes both operands transposed. PyTorch's strided copy
-// behind x.t().contiguous() moves 3-7 GB/s on the AVX-512 VMs (10 ms for a [2048, 3072] matrix,
-// against 1.4 ms for a plain copy of it), which ate most of what the faster GEMM saves. Here each
+// Why: the Linear gradients run on oneDNN's inner product (olmoearth_fast/ops/linear.py), which
+// contracts over its operands' rows: dX = dY·W takes Wᵀ, and the wide layers' dW = dYᵀ·X both
+// operands transposed. PyTorch's strided copy behind x.t().contiguous() moves 3-7 GB/s on the
+// AVX-512 VMs (10 ms for a [2048, 3072] matrix, against 1.4 ms for a plain copy of it), which ate
+// most of what the faster GEMM saves. Here each
 // 16×16 block goes through registers (the shuffle transpose of avx512_math.h): 16 rows' cache
 // lines in, 16 whole cache lines out, parallel over bands of 64 input rows; where the output's
 // rows are whole cache lines, the stores stream past the caches (2.4-4.7× the strided copy at

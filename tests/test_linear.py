@@ -56,7 +56,7 @@ def test_values_and_gradients_equal_pytorch_linear(shape, n, bias, count_calls):
 def test_wide_layers_take_their_gradients_through_onednn(frozen, count_calls):
     if not lin.transpose_kernel_available():
         pytest.skip("no AVX-512F: the transposes (ops.transpose) and so the oneDNN gradients are off")
-    d = lin.ONEDNN_BACKWARD_MIN_DIM
+    d = lin.ONEDNN_WEIGHT_GRAD_MIN_DIM
     x, w, b, grad = _inputs((4, 70, d + 8), d)  # both weight dims at the threshold or above
     if frozen:
         w = w.detach()

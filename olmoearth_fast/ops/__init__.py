@@ -3,7 +3,7 @@ picks Triton / C++ / reference by device: `ops.packing` (pack, unpack, merge ind
 `ops.patch_embed` (its effective-kernel maths in `ops.patch_embed_plan`), `ops.band_dropout`,
 `ops.masked_neg_loss`, the CPU C++ ops `ops.segment_attention` and `ops.bias_gelu`, and
 `ops.linear` (oneDNN's inner product for the blocks' Linear layers on CPU) with the C++
-`ops.transpose` its wide layers' gradients use.
+`ops.transpose` its gradients use.
 (Functions are not re-exported here: `patch_embed` and `masked_neg_loss` would shadow their
 modules.)
 """

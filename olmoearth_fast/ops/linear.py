@@ -5,9 +5,9 @@ forward runs oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, PyT
 oneDNN, the op Inductor's CPU backend uses for Linear layers) instead of MKL's sgemm. The input
 gradient ``dX = dY·W`` runs on oneDNN's inner product too, against ``Wᵀ`` (a copy of the weight,
 transposed by `ops.transpose`). The weight gradient ``dW = dYᵀ·X`` runs on MKL (`torch.mm`) where
-the layer is narrow (a weight dim below `ONEDNN_BACKWARD_MIN_DIM`: nano, tiny, small) and on
+the layer is narrow (a weight dim below `ONEDNN_WEIGHT_GRAD_MIN_DIM`: nano, tiny, small) and on
 oneDNN where it is wide (base, large), with ``dYᵀ`` and ``Xᵀ`` transposed by `ops.transpose`
-(`_backward_on_onednn` has the measurements). ``db = Σ_rows dY``.
+(`_weight_grad_on_onednn` has the measurements). ``db = Σ_rows dY``.
 
 Why: on the AMD EPYC (Zen 4) CPUs this project is benchmarked on, MKL's sgemm takes its AVX2
 code path, while oneDNN's inner product uses AVX-512 (a 2048² matmul: ~215 against ~180
@@ -62,11 +62,12 @@ def _inner_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-# Both weight dims at least this: the gradients go through oneDNN too (`_backward_on_onednn`).
-ONEDNN_BACKWARD_MIN_DIM = 512
+# Both weight dims at least this: the weight gradient goes through oneDNN too
+# (`_weight_grad_on_onednn`).
+ONEDNN_WEIGHT_GRAD_MIN_DIM = 512
 
 
-def _backward_on_onednn(weight: Tensor) -> bool:
+def _weight_grad_on_onednn(weight: Tensor) -> bool:
     """Whether a Linear with this ``weight [N, K]`` computes its weight gradient with oneDNN's
     inner product too, ``dW = (dYᵀ) · (Xᵀ)ᵀ``, the transposes by `ops.transpose` (``dX`` always
     does).
@@ -78,12 +79,12 @@ def _backward_on_onednn(weight: Tensor) -> bool:
     1.24 against 1.02, 1.23, 1.18 s, no gain this machine resolves: MKL there. At base, oneDNN's
     ``dW`` alone, or ``dX`` alone, gained nothing (5.02 and 4.91 against 5.02 s): the pair pays.
     """
-    return min(weight.shape) >= ONEDNN_BACKWARD_MIN_DIM and transpose_kernel_available()
+    return min(weight.shape) >= ONEDNN_WEIGHT_GRAD_MIN_DIM and transpose_kernel_available()
 
 
 class _Linear(torch.autograd.Function):
     """x [M, K] · weightᵀ [K, N] (+ bias): oneDNN forward and input gradient; the weight gradient
-    on MKL, or on oneDNN where `_backward_on_onednn`."""
+    on MKL, or on oneDNN where `_weight_grad_on_onednn`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -98,7 +99,7 @@ class _Linear(torch.autograd.Function):
         dx = _inner_product(grad, transpose(weight), None) if ctx.needs_input_grad[0] else None
         if not ctx.needs_input_grad[1]:
             dw = None
-        elif _backward_on_onednn(weight):
+        elif _weight_grad_on_onednn(weight):
             dw = _inner_product(transpose(grad), transpose(x), None)
         else:
             dw = grad.t().mm(x)

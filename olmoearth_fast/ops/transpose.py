@@ -3,7 +3,8 @@
 ``transpose(x)`` = ``x.t().contiguous()`` (`transpose_ref`), bit-identical: each 16×16 block goes
 through AVX-512 registers, parallel over bands of rows, where PyTorch's strided copy moves a few
 GB/s (2.4-4.7× slower at the Linear layers' shapes; benchmarks/bench_transpose.py). Used by
-`ops.linear`'s weight gradient, which gives oneDNN both of its operands transposed. Elsewhere
+`ops.linear`'s gradients: ``Wᵀ`` for the input gradient at every size, and ``dYᵀ``, ``Xᵀ`` for the
+weight gradient of the wide layers, which give oneDNN's inner product its operands transposed. Elsewhere
 (CUDA, other dtypes, CPUs without AVX-512F, ``OLMOEARTH_FAST_KERNELS=pytorch``, rows not
 contiguous) it is `transpose_ref`.
 """
