@@ -52,6 +52,13 @@ if not torch.cuda.is_available():
     from olmoearth_fast.trainer import keep_freed_memory
 
     keep_freed_memory()
+else:
+    # what our Trainer does on CUDA (olmoearth_fast.trainer.expandable_cuda_segments), set here
+    # for the whole session: the reference providers then run under the same allocator, whatever
+    # the order of the cases
+    from olmoearth_fast.trainer import expandable_cuda_segments
+
+    expandable_cuda_segments()
 
 _RESULTS: list[dict] = []
 ON_GPU = torch.cuda.is_available()

@@ -82,6 +82,9 @@ class TrainerConfig:
     # CPU: keep freed memory in the process instead of an mmap per large tensor (glibc; see
     # trainer.keep_freed_memory: 1.6x at base, microbatch 32)
     keep_freed_memory: bool = True
+    # CUDA: the caching allocator grows its segments in place, for batches whose packed size
+    # changes every step (see trainer.expandable_cuda_segments); PYTORCH_CUDA_ALLOC_CONF wins
+    expandable_segments: bool = True
     log_every: int = 1
 
 

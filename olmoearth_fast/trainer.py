@@ -98,6 +98,8 @@ class Trainer:
             raise ValueError("trainer.precision=bf16 needs CUDA; use fp32 (or auto) on CPU")
         if device.type == "cpu" and cfg.trainer.keep_freed_memory:
             keep_freed_memory()
+        if device.type == "cuda" and cfg.trainer.expandable_segments:
+            expandable_cuda_segments()
         self.compiled = cfg.trainer.compile if cfg.trainer.compile is not None else COMPILE_BY_DEFAULT[device.type]
         if self.compiled:
             model.compile_blocks()
@@ -305,6 +307,11 @@ class Trainer:
             rec["peak_fraction"] = s.flops / dt / self.peak
         if self.device.type == "cuda":
             rec["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            # the caching allocator's calls into the driver so far (host-side counters, no sync):
+            # a step that has to cudaMalloc, or free the cache and retry, stalls the device
+            alloc = torch.cuda.memory_stats(self.device)
+            rec["device_allocs"] = alloc.get("num_device_alloc", 0)
+            rec["alloc_retries"] = alloc.get("num_alloc_retries", 0)
         else:  # peak resident set size of the process (ru_maxrss is in KiB on Linux)
             import resource
 
@@ -321,6 +328,8 @@ class Trainer:
         eta = elapsed / done * (self.max_steps - self.step) if done else 0.0
         width = len(str(self.max_steps))
         mem = f" | mem {rec['mem_gib']:.2f} GiB"
+        if rec.get("alloc_retries"):  # the allocator had to free its cache (and sync) to allocate
+            mem += f" ({rec['alloc_retries']} cudaMalloc retries)"
         frac = f" ({100 * rec['peak_fraction']:.0f}% of peak)" if "peak_fraction" in rec else ""
         self.log(f"step {self.step:>{width}}/{self.max_steps} | loss {s.loss:.4f} | infonce {s.infonce:.4f} "
                  f"| gnorm {grad_norm:.3f} | lr {rec['lr']:.2e} | {rec['samples_per_s']:.1f} samples/s "
@@ -365,6 +374,30 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     return libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+
+
+def expandable_cuda_segments() -> bool:
+    """Let PyTorch's CUDA caching allocator grow its memory segments in place
+    (``expandable_segments:True``), unless the user configured the allocator (the
+    ``PYTORCH_CUDA_ALLOC_CONF`` or ``PYTORCH_ALLOC_CONF`` environment variable wins).
+
+    Packed batches change size every step: the tokens each sample keeps after masking, the
+    sampler's patch size and crop. With fixed segments the allocator serves each new size by
+    splitting cached blocks sized for earlier steps; the leftovers fragment the cache, reserved
+    memory creeps up, and when a cudaMalloc fails it synchronises the device, frees its cache
+    and retries. Expandable segments map one growing virtual range per stream, so blocks of any
+    size sit next to each other and merge when freed. The trainer records the allocator's
+    driver calls in each step's history (``device_allocs``, ``alloc_retries``) and
+    scripts/compare_loss_curves.py per side, so that a GPU run shows whether the cache settled
+    (not yet timed on a GPU: none has run this code). Applies to segments created from now on (the process's allocator is shared: a reference
+    model timed in the same process gets it too). Returns whether it applied.
+    """
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return False
+    # torch >= 2.9 has the device-generic setter (and deprecates the CUDA one); older: the CUDA one
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setter("expandable_segments:True")
+    return True
 
 
 def _torch_rng_state() -> tuple:

@@ -175,12 +175,20 @@ def main() -> None:
     times = {"ours": 0.0, "ref": 0.0}
     step_times: dict[str, list[float]] = {"ours": [], "ref": []}
     peak = {"ours": 0.0, "ref": 0.0}
+    # the CUDA caching allocator's driver calls during each side's steps: cudaMalloc / cuMemMap
+    # (device_allocs) and cache-flushing retries after a failed cudaMalloc (alloc_retries)
+    alloc = {k: {"ours": 0, "ref": 0} for k in ("device_allocs", "alloc_retries")}
+
+    def alloc_counts() -> tuple[int, int]:
+        stats = torch.cuda.memory_stats(device)
+        return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
     wait_s = 0.0
     stopped = None
 
     def timed(name, fn):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+            before = alloc_counts()
         t0 = time.perf_counter()
         value = fn()
         _sync(device)
@@ -189,6 +197,8 @@ def main() -> None:
         step_times[name].append(dt)
         if device.type == "cuda":
             peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) / 2**30)
+            for key, b, a in zip(alloc, before, alloc_counts()):
+                alloc[key][name] += a - b
         return value
 
     def write(final: bool) -> None:
@@ -198,7 +208,8 @@ def main() -> None:
         result = {**curves, "windows": paired_windows(curves["ours"][:n], curves["ref"][:n], args.window),
                   "setup": setup, "steps_done": n, "complete": n == args.steps, "stopped": stopped,
                   "times_s": times, "step_times_s": step_times, "batch_wait_s": wait_s,
-                  "peak_gib": peak if device.type == "cuda" else None, "final": final}
+                  "peak_gib": peak if device.type == "cuda" else None,
+                  **{k: v if device.type == "cuda" else None for k, v in alloc.items()}, "final": final}
         tmp = Path(args.out + ".tmp")
         tmp.write_text(json.dumps(result))
         tmp.replace(args.out)

@@ -281,3 +281,51 @@ def test_cpu_trainer_keeps_freed_memory_unless_told_not_to(dataset, tmp_path, mo
     monkeypatch.undo()
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert trainer_mod.keep_freed_memory()
+
+
+def test_expandable_cuda_segments_unless_the_user_configured_the_allocator(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(var, raising=False)
+    assert trainer_mod.expandable_cuda_segments()
+    assert calls == ["expandable_segments:True"]
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # the user's setting wins
+        monkeypatch.setenv(var, "max_split_size_mb:128")
+        assert not trainer_mod.expandable_cuda_segments()
+        monkeypatch.delenv(var)
+    assert calls == ["expandable_segments:True"]
+    # torch before 2.9: only the CUDA setter exists
+    monkeypatch.delattr(torch._C, "_accelerator_setAllocatorSettings")
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", lambda s: calls.append(("cuda", s)))
+    assert trainer_mod.expandable_cuda_segments()
+    assert calls[-1] == ("cuda", "expandable_segments:True")
+
+
+def test_cpu_trainer_leaves_the_cuda_allocator_alone(dataset, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(trainer_mod, "expandable_cuda_segments", lambda: calls.append(1) or True)
+    tr = _trainer(_cfg("exp14", tmp_path, dataset, "trainer.max_steps=1"), tmp_path)
+    tr.fit()
+    assert calls == []
+    assert "device_allocs" not in tr.history[-1] and tr.history[-1]["mem_gib"] > 0
+
+
+@pytest.mark.gpu
+def test_cuda_trainer_grows_expandable_segments_and_counts_driver_calls(dataset, tmp_path, monkeypatch):
+    """On CUDA the trainer turns expandable segments on, and its history counts the allocator's
+    driver calls: over steps of changing packed sizes the cache settles (no cudaMalloc retries)."""
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = _cfg("exp14", tmp_path, dataset, "trainer.max_steps=8")
+    loader = build_loader(cfg, 0, 1, str(tmp_path))
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    tr = Trainer(cfg, loader, build_model(cfg, device), device, str(tmp_path), log=lambda *a: None)
+    retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)  # counted since the process began
+    history = tr.fit()
+    assert len(history) == 8
+    assert all(isinstance(h["device_allocs"], int) and h["alloc_retries"] == retries for h in history)
+    assert history[-1]["device_allocs"] >= history[0]["device_allocs"] > 0
+    # the step's activations live in expandable segments (the weights may sit in earlier ones)
+    assert any(seg.get("is_expandable") for seg in torch.cuda.memory._snapshot()["segments"])
