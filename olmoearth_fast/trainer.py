@@ -306,10 +306,11 @@ class Trainer:
         if self.peak is not None:
             rec["peak_fraction"] = s.flops / dt / self.peak
         if self.device.type == "cuda":
-            rec["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            # the caching allocator's calls into the driver so far (host-side counters, no sync):
-            # a step that has to cudaMalloc, or free the cache and retry, stalls the device
+            # one read of the allocator's host-side counters (no sync): the peak allocated (what
+            # torch.cuda.max_memory_allocated reads), and its calls into the driver so far: a step
+            # that has to cudaMalloc, or free the cache and retry, stalls the device
             alloc = torch.cuda.memory_stats(self.device)
+            rec["mem_gib"] = alloc.get("allocated_bytes.all.peak", 0) / 2**30
             rec["device_allocs"] = alloc.get("num_device_alloc", 0)
             rec["alloc_retries"] = alloc.get("num_alloc_retries", 0)
         else:  # peak resident set size of the process (ru_maxrss is in KiB on Linux)
