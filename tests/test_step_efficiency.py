@@ -205,6 +205,35 @@ def test_at_most_two_host_syncs_per_step(name, dataset, tmp_path, monkeypatch):
     assert len(counter.events) >= len(batches)  # the statistics are read once per step: the counter sees it
 
 
+@pytest.mark.gpu
+def test_at_most_two_cuda_syncs_per_step(dataset, tmp_path):
+    """The same bound on CUDA, counted by CUDA itself: torch's sync debug mode warns at every
+    operation that makes the host wait for the device (a D2H copy, .item(), a stream sync), with
+    the Python line that caused it. Crops and masks change from step to step."""
+    import warnings
+
+    cfg = _cfg("exp14", tmp_path, dataset)  # 2 microbatches per step
+    loader = build_loader(cfg, 0, 1, str(tmp_path))
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    tr = Trainer(cfg, loader, build_model(cfg, device), device, str(tmp_path), log=lambda *a: None)
+    batches = [loader.make_batch(1, i) for i in range(len(loader))]  # an epoch: 4 steps
+    tr.train_step(batches[0])  # warm-up: kernel compilation, cuBLAS handles, allocator growth
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for b in batches[1:]:
+                tr.train_step(b)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
+    steps = len(batches) - 1
+    assert len(syncs) <= 2 * steps, "\n".join(syncs)
+    assert len(syncs) >= steps  # the statistics are read once per step: the counter sees it
+
+
 # --------------------------------------------------------------------------------------------
 # torch.compile of the blocks (trainer.compile=true)
 
