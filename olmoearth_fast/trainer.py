@@ -306,13 +306,7 @@ class Trainer:
         if self.peak is not None:
             rec["peak_fraction"] = s.flops / dt / self.peak
         if self.device.type == "cuda":
-            # one read of the allocator's host-side counters (no sync): the peak allocated (what
-            # torch.cuda.max_memory_allocated reads), and its calls into the driver so far: a step
-            # that has to cudaMalloc, or free the cache and retry, stalls the device
-            alloc = torch.cuda.memory_stats(self.device)
-            rec["mem_gib"] = alloc.get("allocated_bytes.all.peak", 0) / 2**30
-            rec["device_allocs"] = alloc.get("num_device_alloc", 0)
-            rec["alloc_retries"] = alloc.get("num_alloc_retries", 0)
+            rec.update(cuda_allocator_stats(self.device))
         else:  # peak resident set size of the process (ru_maxrss is in KiB on Linux)
             import resource
 
@@ -389,9 +383,10 @@ def expandable_cuda_segments() -> bool:
     and retries. Expandable segments map one growing virtual range per stream, so blocks of any
     size sit next to each other and merge when freed. The trainer records the allocator's
     driver calls in each step's history (``device_allocs``, ``alloc_retries``) and
-    scripts/compare_loss_curves.py per side, so that a GPU run shows whether the cache settled
-    (not yet timed on a GPU: none has run this code). Applies to segments created from now on (the process's allocator is shared: a reference
-    model timed in the same process gets it too). Returns whether it applied.
+    scripts/compare_loss_curves.py per side (`cuda_allocator_stats`), so that a GPU run shows
+    whether the cache settled (not yet timed on a GPU: none has run this code). Applies to
+    segments created from now on (the process's allocator is shared: a reference model timed in
+    the same process gets it too). Returns whether it applied.
     """
     if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
         return False
@@ -399,6 +394,18 @@ def expandable_cuda_segments() -> bool:
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
     setter("expandable_segments:True")
     return True
+
+
+def cuda_allocator_stats(device: torch.device) -> dict:
+    """The CUDA caching allocator's host-side counters in one read (no sync): ``mem_gib``, the
+    peak allocated since the last reset (what torch.cuda.max_memory_allocated reads), and its
+    calls into the driver since the process began, ``device_allocs`` (cudaMalloc / cuMemMap) and
+    ``alloc_retries`` (a failed cudaMalloc, then the cache freed and the device synchronised):
+    a step that makes either stalls the device."""
+    stats = torch.cuda.memory_stats(device)
+    return {"mem_gib": stats.get("allocated_bytes.all.peak", 0) / 2**30,
+            "device_allocs": stats.get("num_device_alloc", 0),
+            "alloc_retries": stats.get("num_alloc_retries", 0)}
 
 
 def _torch_rng_state() -> tuple:

@@ -40,7 +40,7 @@ from olmoearth_fast import experiments  # noqa: E402
 from olmoearth_fast.checkpoint import import_reference_state_dict  # noqa: E402
 from olmoearth_fast.config import apply_overrides  # noqa: E402
 from olmoearth_fast.data.demo import ensure_demo_dataset  # noqa: E402
-from olmoearth_fast.trainer import Trainer, build_loader, build_model, lr_at  # noqa: E402
+from olmoearth_fast.trainer import Trainer, build_loader, build_model, cuda_allocator_stats, lr_at  # noqa: E402
 
 # (batch, microbatch, patch size, hw_p, token budget, lr) when an option is not given
 CPU_DEFAULTS = (16, 16, 4, 4, 600, 1e-3)  # experiments.demo
@@ -175,20 +175,15 @@ def main() -> None:
     times = {"ours": 0.0, "ref": 0.0}
     step_times: dict[str, list[float]] = {"ours": [], "ref": []}
     peak = {"ours": 0.0, "ref": 0.0}
-    # the CUDA caching allocator's driver calls during each side's steps: cudaMalloc / cuMemMap
-    # (device_allocs) and cache-flushing retries after a failed cudaMalloc (alloc_retries)
+    # the CUDA caching allocator's driver calls during each side's steps (`cuda_allocator_stats`)
     alloc = {k: {"ours": 0, "ref": 0} for k in ("device_allocs", "alloc_retries")}
-
-    def alloc_counts() -> tuple[int, int]:
-        stats = torch.cuda.memory_stats(device)
-        return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
     wait_s = 0.0
     stopped = None
 
     def timed(name, fn):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-            before = alloc_counts()
+            before = cuda_allocator_stats(device)
         t0 = time.perf_counter()
         value = fn()
         _sync(device)
@@ -196,9 +191,10 @@ def main() -> None:
         times[name] += dt
         step_times[name].append(dt)
         if device.type == "cuda":
-            peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) / 2**30)
-            for key, b, a in zip(alloc, before, alloc_counts()):
-                alloc[key][name] += a - b
+            after = cuda_allocator_stats(device)
+            peak[name] = max(peak[name], after["mem_gib"])
+            for key in alloc:
+                alloc[key][name] += after[key] - before[key]
         return value
 
     def write(final: bool) -> None:

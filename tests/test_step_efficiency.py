@@ -34,11 +34,11 @@ def _cfg(name, run_dir, dataset, *extra):
                                  "logging.wandb=False", "trainer.log_every=1000", *extra])
 
 
-def _trainer(cfg, run_dir):
+def _trainer(cfg, run_dir, device=torch.device("cpu")):
     loader = build_loader(cfg, 0, 1, str(run_dir))
     torch.manual_seed(0)
-    model = build_model(cfg, torch.device("cpu"))
-    return Trainer(cfg, loader, model, torch.device("cpu"), str(run_dir), log=lambda *a: None)
+    model = build_model(cfg, device)
+    return Trainer(cfg, loader, model, device, str(run_dir), log=lambda *a: None)
 
 
 @pytest.mark.parametrize("name", ["exp14", "exp2", "exp10"])
@@ -212,12 +212,9 @@ def test_at_most_two_cuda_syncs_per_step(dataset, tmp_path):
     the Python line that caused it. Crops and masks change from step to step."""
     import warnings
 
-    cfg = _cfg("exp14", tmp_path, dataset)  # 2 microbatches per step
-    loader = build_loader(cfg, 0, 1, str(tmp_path))
-    torch.manual_seed(0)
-    device = torch.device("cuda")
-    tr = Trainer(cfg, loader, build_model(cfg, device), device, str(tmp_path), log=lambda *a: None)
-    batches = [loader.make_batch(1, i) for i in range(len(loader))]  # an epoch: 4 steps
+    # 2 microbatches per step
+    tr = _trainer(_cfg("exp14", tmp_path, dataset), tmp_path, torch.device("cuda"))
+    batches = [tr.loader.make_batch(1, i) for i in range(len(tr.loader))]  # an epoch: 4 steps
     tr.train_step(batches[0])  # warm-up: kernel compilation, cuBLAS handles, allocator growth
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
@@ -346,12 +343,9 @@ def test_cuda_trainer_grows_expandable_segments_and_counts_driver_calls(dataset,
     driver calls: over steps of changing packed sizes the cache settles (no cudaMalloc retries)."""
     for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         monkeypatch.delenv(var, raising=False)
-    cfg = _cfg("exp14", tmp_path, dataset, "trainer.max_steps=8")
-    loader = build_loader(cfg, 0, 1, str(tmp_path))
-    torch.manual_seed(0)
     device = torch.device("cuda")
-    tr = Trainer(cfg, loader, build_model(cfg, device), device, str(tmp_path), log=lambda *a: None)
-    retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)  # counted since the process began
+    tr = _trainer(_cfg("exp14", tmp_path, dataset, "trainer.max_steps=8"), tmp_path, device)
+    retries = trainer_mod.cuda_allocator_stats(device)["alloc_retries"]  # since the process began
     history = tr.fit()
     assert len(history) == 8
     assert all(isinstance(h["device_allocs"], int) and h["alloc_retries"] == retries for h in history)
