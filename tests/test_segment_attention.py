@@ -34,6 +34,7 @@ CASES = [
     ([5, 0, 17, 33, 1, 3], [7, 4, 0, 40, 1, 20], 8, 16),  # empty q and k segments, cross lengths
     ([271, 228, 96], [271, 228, 96], 8, 16),  # nano self-attention lengths
     ([215, 90, 473], [248, 345, 91], 3, 64),  # tiny cross-attention lengths
+    ([5, 0, 7, 13, 1, 6], [3, 9, 0, 40, 2, 17], 2, 64),  # around head dim 64's 6-row tiles, empty segments
     ([16, 32, 15, 17], [16, 32, 15, 17], 2, 32),  # around the 16-key tiles
     ([9, 2], [300, 1], 1, 128),
 ]
