@@ -11,7 +11,8 @@ Reference behaviour kept (docs/reference_semantics.md §9.5):
 
 Difference that makes resume exact: every random draw of global batch s on rank r (order
 excepted) comes from a generator seeded by (seed, epoch, s, rank), not from a per-worker
-stream, so a batch is the same whatever `num_workers` is and whenever it is produced. The
+stream, so a batch is the same whatever `num_workers` is and whenever it is produced; the
+loader draws nothing from the global RNG, so the training is the same too. The
 reference seeds per (seed + epoch + rank·workers + worker) and uses unseeded np.random for
 crops and masks, so its batches are not reproducible. `state_dict()` is {epoch,
 batches_processed, ...}; after `load_state_dict` iteration continues with the next batch.
@@ -244,6 +245,10 @@ class OlmoEarthLoader:
                 pin_memory=self.pin_memory,
                 worker_init_fn=_worker_init,
                 persistent_workers=False,
+                # its own generator: a DataLoader without one draws the workers' base seed from the
+                # global RNG on every new iterator, which would shift the model's band dropout and
+                # DropPath draws with num_workers (the batches themselves are seeded per step)
+                generator=torch.Generator(),
             ))
         for batch in source:
             self.batches_processed += 1
