@@ -156,7 +156,9 @@ def demo(cfg: RunConfig) -> RunConfig:
     cfg.data.demo_samples = 256
     cfg.data.global_batch_size = 16
     cfg.data.rank_microbatch_size = 16
-    cfg.data.num_workers = 1
+    # batches made between steps: on a 2-core CPU a worker process slows the step more than it
+    # saves (trainer.loader_core_contention)
+    cfg.data.num_workers = 0
     cfg.data.token_budget = 600
     # one crop shape (16 px, 4×4 tokens, T = 5): the loss depends on the token count, so a fixed
     # shape makes the curve comparable from step to step

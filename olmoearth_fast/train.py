@@ -24,7 +24,7 @@ from olmoearth_fast import checkpoint as ckpt
 from olmoearth_fast import experiments
 from olmoearth_fast.config import dumps
 from olmoearth_fast.errors import UserError, UserFileExistsError, UserValueError
-from olmoearth_fast.trainer import Trainer, build_loader, build_model, plot_history
+from olmoearth_fast.trainer import Trainer, build_loader, build_model, loader_core_contention, plot_history
 
 
 def parse(argv=None):
@@ -73,6 +73,8 @@ def run(cfg, args, rank: int, world_size: int) -> None:
                                   "--resume to continue it, checkpoint.dir=... for a new run, or "
                                   "checkpoint.overwrite=true to start again there")
     loader = build_loader(cfg, rank, world_size, run_dir, pin_memory=device.type == "cuda")
+    if (note := loader_core_contention(cfg.data.num_workers, device)) is not None:
+        log(note)
     model = build_model(cfg, device)
     state = ckpt.resume_state(run_dir, cfg, model) if cfg.checkpoint.resume else None
     if args.init_from and state is None:

@@ -89,6 +89,23 @@ def test_training_does_not_depend_on_the_loader_workers(dataset, tmp_path):
     assert ckpt.checkpoint_tensors_equal(runs[0][1], runs[2][1]) == []
 
 
+def test_loader_core_contention_note(monkeypatch):
+    from olmoearth_fast.trainer import loader_core_contention
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_core_contention(0, cpu) is None
+    note = loader_core_contention(1, cpu)
+    assert "data.num_workers=1" in note and "2 compute threads" in note and "2 CPU cores" in note
+    assert loader_core_contention(4, torch.device("cuda")) is None  # GPU training: workers feed the device
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert loader_core_contention(4, cpu) is None  # 2 threads + 4 workers fit 16 cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks of 2 + 4 do not
+    assert "(4 rank(s) here) share 16 CPU cores" in loader_core_contention(4, cpu)
+
+
 def test_lr_schedule():
     cfg = experiments.get("exp14")
     assert lr_at(0, cfg, 100000) == 0.0
