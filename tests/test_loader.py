@@ -151,3 +151,58 @@ def test_demo_dataset_contents(demo, tmp_path):
         for m in a.arrays:
             np.testing.assert_array_equal(a.arrays[m], b.arrays[m])
     assert ensure_demo_dataset(again, num_samples=24, seed=5, tile_size=32) == again
+
+
+def test_rechunked_dataset_gives_the_same_batches(demo, tmp_path):
+    """`python -m olmoearth_fast.data.rechunk`: spatial rasters in 16-px chunks over all months and
+    bands, every array and side file kept, the loader's batches identical; a second run skips the
+    finished files."""
+    import h5py
+
+    from olmoearth_fast.data.rechunk import main, rechunk_dataset
+
+    out = tmp_path / "chunked"
+    written, kept = rechunk_dataset(demo, out, chunk=16)
+    assert (written, kept) == (24, 0)
+    assert (out / "sample_metadata.csv").read_bytes() == (demo / "sample_metadata.csv").read_bytes()
+    with h5py.File(demo / "sample_0.h5") as a, h5py.File(out / "sample_0.h5") as b:
+        s2 = b["sentinel2_l2a"]
+        assert s2.chunks == (16, 16, *s2.shape[2:]) and s2.shape[:2] == (32, 32)
+        assert a["sentinel2_l2a"].chunks == a["sentinel2_l2a"].shape  # the reference's one chunk
+        names = []
+        a.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        assert "missing_timesteps_masks/sentinel2_l2a" in names
+        for n in names:
+            assert b[n].dtype == a[n].dtype and np.array_equal(a[n][()], b[n][()]), n
+    for x, y in zip(loader(demo), loader(out)):
+        assert same(x, y)
+    assert rechunk_dataset(demo, out, chunk=16) == (0, 24)
+    assert not list(out.glob(".tmp-*"))
+    with pytest.raises(SystemExit) as e:
+        main([str(demo), str(demo)])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{missing}", "{out}"], "is not a directory"),
+    (["{empty}", "{out}"], "holds no sample_*.h5 file"),
+    (["{demo}", "{out}", "--chunk", "0"], "--chunk 0: must be at least 1"),
+])
+def test_rechunk_refuses_bad_input(demo, tmp_path, capsys, args, message):
+    from olmoearth_fast.data.rechunk import main
+
+    (tmp_path / "empty").mkdir()
+    paths = {"missing": tmp_path / "nope", "empty": tmp_path / "empty", "demo": demo, "out": tmp_path / "o"}
+    with pytest.raises(SystemExit) as e:
+        main([a.format(**paths) for a in args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_rechunk_names_a_corrupt_sample_and_leaves_no_partial_file(tmp_path):
+    from olmoearth_fast.data.rechunk import rechunk_file
+
+    bad = tmp_path / "sample_0.h5"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(CorruptSampleError, match="sample_0.h5: cannot rechunk"):
+        rechunk_file(bad, tmp_path / "out.h5")
+    assert not (tmp_path / "out.h5").exists() and not (tmp_path / ".tmp-out.h5").exists()
