@@ -1,10 +1,10 @@
 """Data pipeline throughput: read + crop + normalise + two-view masking of one rank batch.
 
 ours: `OlmoEarthH5Dataset.get_item` (reads only the crop window) + `collate_views` (vectorised
-masking, missingness shared by the views). ours_rechunked: the same on a copy of the files made by
-`python -m olmoearth_fast.data.rechunk` (32-px chunks: a crop decompresses only the chunks it
-touches, where the reference's one chunk per raster decompresses the whole tile). ref: olmoearth_pretrain's `OlmoEarthDataset`
-items, stacked as its collator does, masked twice with its strategy. Same files (synthetic
+masking, missingness shared by the views). ours_rechunked: the same on a copy of the files
+made by `python -m olmoearth_fast.data.rechunk` (32-px chunks: a crop decompresses only the
+chunks it touches, where the reference's one chunk per raster decompresses the whole tile).
+ref: olmoearth_pretrain's `OlmoEarthDataset` items, stacked as its collator does, masked twice with its strategy. Same files (synthetic
 128-px reference-format tiles), same (patch size, hw_p), single-bandset tokenization.
 Samples/s = B / median time. The data pipeline runs on CPU workers in both, so the GPU size
 only changes B.

@@ -162,8 +162,7 @@ def test_rechunked_dataset_gives_the_same_batches(demo, tmp_path):
     from olmoearth_fast.data.rechunk import main, rechunk_dataset
 
     out = tmp_path / "chunked"
-    written, kept = rechunk_dataset(demo, out, chunk=16)
-    assert (written, kept) == (24, 0)
+    assert rechunk_dataset(demo, out, chunk=16) == {"written": 24, "kept": 0, "copied": 0}
     assert (out / "sample_metadata.csv").read_bytes() == (demo / "sample_metadata.csv").read_bytes()
     with h5py.File(demo / "sample_0.h5") as a, h5py.File(out / "sample_0.h5") as b:
         s2 = b["sentinel2_l2a"]
@@ -176,7 +175,7 @@ def test_rechunked_dataset_gives_the_same_batches(demo, tmp_path):
             assert b[n].dtype == a[n].dtype and np.array_equal(a[n][()], b[n][()]), n
     for x, y in zip(loader(demo), loader(out)):
         assert same(x, y)
-    assert rechunk_dataset(demo, out, chunk=16) == (0, 24)
+    assert rechunk_dataset(demo, out, chunk=16) == {"written": 0, "kept": 24, "copied": 0}
     assert not list(out.glob(".tmp-*"))
     with pytest.raises(SystemExit) as e:
         main([str(demo), str(demo)])
@@ -198,11 +197,21 @@ def test_rechunk_refuses_bad_input(demo, tmp_path, capsys, args, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_rechunk_names_a_corrupt_sample_and_leaves_no_partial_file(tmp_path):
-    from olmoearth_fast.data.rechunk import rechunk_file
+def test_rechunk_copies_an_unreadable_sample_as_it_is(demo, tmp_path):
+    """rechunk_file names the file and leaves nothing behind; rechunk_dataset (2 processes)
+    copies it unchanged, names it, and rechunks the rest."""
+    import shutil
 
-    bad = tmp_path / "sample_0.h5"
-    bad.write_bytes(b"not hdf5")
-    with pytest.raises(CorruptSampleError, match="sample_0.h5: cannot rechunk"):
-        rechunk_file(bad, tmp_path / "out.h5")
+    from olmoearth_fast.data.rechunk import rechunk_dataset, rechunk_file
+
+    src = tmp_path / "src"
+    shutil.copytree(demo, src)
+    (src / "sample_3.h5").write_bytes(b"not hdf5")
+    with pytest.raises(CorruptSampleError, match="sample_3.h5: cannot rechunk"):
+        rechunk_file(src / "sample_3.h5", tmp_path / "out.h5")
     assert not (tmp_path / "out.h5").exists() and not (tmp_path / ".tmp-out.h5").exists()
+    lines = []
+    got = rechunk_dataset(src, tmp_path / "dst", workers=2, log=lines.append)
+    assert got == {"written": 23, "kept": 0, "copied": 1}
+    assert lines == [f"{src / 'sample_3.h5'}: unreadable, copied as it is"]
+    assert (tmp_path / "dst" / "sample_3.h5").read_bytes() == b"not hdf5"

@@ -8,14 +8,16 @@ crop of a sample decompresses the whole ``[H, W, T, C]`` array of every modality
 crops are much smaller than the 128-px tiles (``hw_p · p`` px with p ≤ 8, hw_p ≤ 12). Here each
 spatial raster gets chunks of ``chunk × chunk`` px over all its months and bands, compressed as
 the reference compresses (zstd level 3, or ``--compression``); everything else (timestamps,
-masks, latlon, attributes, side files such as `sample_metadata.csv`) keeps its values. The result is the same HDF5 layout: any reader with
-hdf5plugin (the reference's too) reads it unchanged, and the loader's batches are identical
-(`tests/test_h5.py`). Measured (benchmarks/RESULTS.md, "The data loader"): one core reads a
-sample 1.8× faster at the same file size.
+masks, latlon, attributes, side files such as `sample_metadata.csv`) keeps its values. The
+layout is the same HDF5 layout: any reader with hdf5plugin (the reference's too) reads it, and
+the loader's batches are identical (`tests/test_loader.py`). Measured
+(benchmarks/RESULTS.md, "The data loader"): one core reads a sample 1.8× faster at about the
+same file size.
 
 Each file is written under a temporary name, checked against its source array by array, then
 renamed: an interrupted run leaves no partial file, and running it again skips the files
-already done.
+already done. A sample that cannot be read is copied as it is and named in the output, so the
+loader meets the same files (`data.skip_corrupt` decides what it does with them).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ from olmoearth_fast.errors import UserFileNotFoundError, UserValueError
 from olmoearth_fast.modalities import MODALITIES
 
 COMPRESSIONS = ("zstd", "gzip", "none")
+
+
+class CopyMismatchError(RuntimeError):
+    """A rechunked file read back differs from its source (never expected; names the file)."""
 
 
 def _filter(compression: str) -> dict:
@@ -63,57 +69,63 @@ def rechunk_file(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = 32
     already exists (a finished file from an earlier run), True when written.
 
     Raises:
-        CorruptSampleError: ``src`` cannot be read, or the copy read back differs (names the file).
+        CorruptSampleError: ``src`` cannot be read (names the file).
+        CopyMismatchError: the copy read back differs.
     """
     dst = Path(dst)
     if dst.exists():
         return False
+    try:  # the whole source first (a sample is tens of MB): a read error is the source's
+        with h5py.File(src, "r") as fi:
+            attrs = dict(fi.attrs)
+            items: list[tuple[str, np.ndarray | None, dict]] = []  # (name, data or None for a group, attrs)
+            fi.visititems(lambda name, obj: items.append(
+                (name, None if isinstance(obj, h5py.Group) else obj[()], dict(obj.attrs))))
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise CorruptSampleError(f"{src}: cannot rechunk ({type(e).__name__}: {e})") from e
     tmp = dst.with_name(f".tmp-{dst.name}")
     kw = _filter(compression)
     try:
-        with h5py.File(src, "r") as fi, h5py.File(tmp, "w") as fo:
-            names: list[str] = []
-
-            def copy(name, obj):
-                if isinstance(obj, h5py.Group):
-                    fo.require_group(name).attrs.update(obj.attrs)
-                    return
-                data = obj[()]
+        with h5py.File(tmp, "w") as fo:
+            fo.attrs.update(attrs)
+            for name, data, a in items:  # visititems lists a group before its members
+                if data is None:
+                    fo.require_group(name).attrs.update(a)
+                    continue
                 chunks = chunk_shape(name, np.shape(data), chunk)
-                out = fo.create_dataset(name, data=data, chunks=chunks, **(kw if chunks else {}))
-                out.attrs.update(obj.attrs)
-                names.append(name)
-
-            fo.attrs.update(fi.attrs)
-            fi.visititems(copy)
-        with h5py.File(src, "r") as fi, h5py.File(tmp, "r") as fo:
-            for name in names:
-                a, b = fi[name], fo[name]
-                if a.dtype != b.dtype or a.shape != b.shape or not np.array_equal(a[()], b[()]):
-                    raise CorruptSampleError(f"{src}: the rechunked copy of {name!r} differs")
-    except CorruptSampleError:
+                fo.create_dataset(name, data=data, chunks=chunks, **(kw if chunks else {})).attrs.update(a)
+        with h5py.File(tmp, "r") as fo:
+            for name, data, _ in items:
+                if data is not None and not (fo[name].dtype == np.asarray(data).dtype
+                                             and np.array_equal(fo[name][()], data)):
+                    raise CopyMismatchError(f"{src}: the rechunked copy of {name!r} differs")
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        tmp.unlink(missing_ok=True)
-        raise CorruptSampleError(f"{src}: cannot rechunk ({type(e).__name__}: {e})") from e
     os.replace(tmp, dst)
     return True
 
 
-def _one(args: tuple[str, str, int, str]) -> bool:
-    return rechunk_file(*args)
+def _one(args: tuple[str, str, int, str]) -> str:
+    """Rechunk one file: "written", "kept" (done before), or "copied" (unreadable: copied as is)."""
+    src, dst = args[0], args[1]
+    try:
+        return "written" if rechunk_file(*args) else "kept"
+    except CorruptSampleError:
+        shutil.copy2(src, dst)
+        return "copied"
 
 
 def rechunk_dataset(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = 32,
-                    compression: str = "zstd", workers: int = 1, log=print) -> tuple[int, int]:
+                    compression: str = "zstd", workers: int = 1, log=print) -> dict[str, int]:
     """Rechunk every ``sample_*.h5`` of directory ``src`` into ``dst`` (created) and copy the
-    other files. Returns (files written, files already there).
+    other files. Returns how many sample files were written, kept (already there) and copied as
+    they are (unreadable, each named through ``log``).
 
     Raises:
         UserFileNotFoundError: ``src`` is not a directory or holds no sample file.
         UserValueError: a chunk below 1, an unknown compression, ``dst`` equal to ``src``.
-        CorruptSampleError: a sample cannot be read or its copy differs.
+        CopyMismatchError: a rechunked copy differs from its source.
     """
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
@@ -132,19 +144,20 @@ def rechunk_dataset(src: str | os.PathLike, dst: str | os.PathLike, chunk: int =
         if p.is_file() and p.name not in samples:
             shutil.copy2(p, dst / p.name)
     jobs = [(str(src / n), str(dst / n), chunk, compression) for n in samples]
-    written = 0
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            for i, done in enumerate(pool.map(_one, jobs, chunksize=16), 1):
-                written += done
-                if i % 1000 == 0:
-                    log(f"{i}/{len(jobs)} files")
-    else:
-        for i, job in enumerate(jobs, 1):
-            written += _one(job)
+    counts = {"written": 0, "kept": 0, "copied": 0}
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        results = pool.map(_one, jobs, chunksize=16) if pool else map(_one, jobs)
+        for i, (job, outcome) in enumerate(zip(jobs, results), 1):
+            counts[outcome] += 1
+            if outcome == "copied":
+                log(f"{job[0]}: unreadable, copied as it is")
             if i % 1000 == 0:
                 log(f"{i}/{len(jobs)} files")
-    return written, len(jobs) - written
+    finally:
+        if pool:
+            pool.shutdown()
+    return counts
 
 
 def main(argv=None) -> None:
@@ -157,11 +170,12 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     args = ap.parse_args(argv)
     try:
-        written, kept = rechunk_dataset(args.src, args.dst, args.chunk, args.compression, args.workers)
-    except (UserFileNotFoundError, UserValueError, CorruptSampleError) as e:
+        n = rechunk_dataset(args.src, args.dst, args.chunk, args.compression, args.workers)
+    except (UserFileNotFoundError, UserValueError, CopyMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.dst}: {written} files written, {kept} already there (chunks {args.chunk} px)")
+    print(f"{args.dst}: {n['written']} sample files written with {args.chunk}-px chunks, {n['kept']} already "
+          f"there, {n['copied']} unreadable ones copied as they are")
 
 
 if __name__ == "__main__":
