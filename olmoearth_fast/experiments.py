@@ -211,6 +211,9 @@ def check(cfg: RunConfig) -> None:
     if d.global_batch_size < 1 or d.rank_microbatch_size < 1:
         raise UserValueError(f"data.global_batch_size={d.global_batch_size} and data.rank_microbatch_size="
                              f"{d.rank_microbatch_size} must be >= 1")
+    if d.num_workers < 0 or d.prefetch_factor < 1:
+        raise UserValueError(f"data.num_workers={d.num_workers} must be >= 0 (0: batches made between steps) and "
+                             f"data.prefetch_factor={d.prefetch_factor} >= 1 (batches each worker makes ahead)")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise UserValueError(f"trainer.precision={t.precision!r}: use auto, bf16 or fp32")
     if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):

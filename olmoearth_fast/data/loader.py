@@ -60,7 +60,10 @@ class DataConfig:
     patch_sizes: tuple[int, ...] = tuple(range(1, 9))
     hw_p_list: tuple[int, ...] = tuple(range(1, 13))
     num_views: int = 2
-    num_workers: int = 4
+    # the reference's DataLoader: 16 worker processes per rank, 4 batches ahead per worker; on a
+    # CPU-only machine the step's threads want those cores (trainer.loader_core_contention)
+    num_workers: int = 16
+    prefetch_factor: int = 4
     seed: int = 3622
     skip_corrupt: bool = False
     demo_samples: int = 256  # size of the generated demo dataset (dataset="demo")
@@ -109,6 +112,9 @@ class OlmoEarthLoader:
             raise ValueError(f"data.num_views must be 1 or 2, got {data.num_views}")
         if data.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {data.num_workers}")
+        if data.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor must be >= 1 (batches each worker makes ahead), "
+                             f"got {data.prefetch_factor}")
         if data.budget_tokenization not in ("default", "experiment"):
             raise ValueError(f"data.budget_tokenization must be 'default' or 'experiment', got "
                              f"{data.budget_tokenization!r}")
@@ -131,6 +137,7 @@ class OlmoEarthLoader:
         self.rank_batch_size = self.global_batch_size // self.world_size
         self.seed = int(data.seed)
         self.num_workers = int(data.num_workers)
+        self.prefetch_factor = int(data.prefetch_factor)
         self.token_budget = data.token_budget
         self.num_views = data.num_views
         self.budget_tokenization = data.budget_tokenization
@@ -242,6 +249,7 @@ class OlmoEarthLoader:
                 _EpochSlice(self, epoch, steps),
                 batch_size=None,
                 num_workers=self.num_workers,
+                prefetch_factor=self.prefetch_factor,
                 pin_memory=self.pin_memory,
                 worker_init_fn=_worker_init,
                 persistent_workers=False,
