@@ -237,12 +237,14 @@ class Trainer:
         t_start, samples = time.perf_counter(), 0
         try:
             while self.step < self.max_steps:
+                t_fetch = time.perf_counter()
                 for batch in self.loader:
                     t0 = time.perf_counter()
+                    wait = t0 - t_fetch  # blocked on the loader: its workers did not keep up
                     stats, grad_norm = self.train_step(batch)
                     dt = time.perf_counter() - t0
                     samples += batch.batch_size * self.world_size
-                    self._log_step(stats, grad_norm, dt, batch, t_start)
+                    self._log_step(stats, grad_norm, dt, batch, t_start, wait)
                     if self.compiled and self.rank == 0:
                         graphs = _compiled_graphs()
                         if graphs != self._graphs:
@@ -259,6 +261,7 @@ class Trainer:
                         return self.history
                     if self.step >= self.max_steps:
                         break
+                    t_fetch = time.perf_counter()
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -295,12 +298,17 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
-    def _log_step(self, s: StepStats, grad_norm: float, dt: float, batch: MaskedViews, t_start: float) -> None:
+    def _log_step(self, s: StepStats, grad_norm: float, dt: float, batch: MaskedViews, t_start: float,
+                  data_wait: float = 0.0) -> None:
+        """Append the step's record to the history (and wandb); print its line every
+        ``trainer.log_every`` steps. ``data_wait``: seconds the loop waited for this batch
+        (``data_wait_s``; the line names it where it is a tenth of the step or more: the
+        loader's workers are then what limits the run, see `data.num_workers`)."""
         n = batch.batch_size * self.world_size
         rec = {"step": self.step, "loss": s.loss, "patch_disc": s.patch_disc, "infonce": s.infonce,
                "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": n / dt,
                "encoded_tok_per_s": s.encoded * self.world_size / dt, "decoded_tok_per_s": s.decoded * self.world_size / dt,
-               "patch_size": batch.patch_size, "hw_p": batch.hw_p, "step_time": dt,
+               "patch_size": batch.patch_size, "hw_p": batch.hw_p, "step_time": dt, "data_wait_s": data_wait,
                # achieved FLOP/s of the work model's useful work; work_ratio = reference / ours
                "tflops": s.flops / dt / 1e12, "work_ratio": s.ref_flops / max(s.flops, 1.0)}
         if self.peak is not None:
@@ -326,10 +334,11 @@ class Trainer:
         if rec.get("alloc_retries"):  # the allocator had to free its cache (and sync) to allocate
             mem += f" ({rec['alloc_retries']} cudaMalloc retries)"
         frac = f" ({100 * rec['peak_fraction']:.0f}% of peak)" if "peak_fraction" in rec else ""
+        waited = f" | waited {data_wait:.2f} s for data" if data_wait >= 0.1 * dt else ""
         self.log(f"step {self.step:>{width}}/{self.max_steps} | loss {s.loss:.4f} | infonce {s.infonce:.4f} "
                  f"| gnorm {grad_norm:.3f} | lr {rec['lr']:.2e} | {rec['samples_per_s']:.1f} samples/s "
                  f"| enc {rec['encoded_tok_per_s'] / 1e3:.1f}k tok/s | dec {rec['decoded_tok_per_s'] / 1e3:.1f}k tok/s"
-                 f" | {rec['tflops']:.3f} TFLOP/s{frac}{mem} | p={batch.patch_size} hw={batch.hw_p} "
+                 f" | {rec['tflops']:.3f} TFLOP/s{frac}{mem} | p={batch.patch_size} hw={batch.hw_p}{waited} "
                  f"| eta {_fmt_time(eta)}")
 
 

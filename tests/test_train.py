@@ -89,6 +89,36 @@ def test_training_does_not_depend_on_the_loader_workers(dataset, tmp_path):
     assert ckpt.checkpoint_tensors_equal(runs[0][1], runs[2][1]) == []
 
 
+def test_the_step_line_names_the_wait_for_data(dataset, tmp_path):
+    """A loader slower than the step: its wait is in every record (data_wait_s) and on the
+    step line, and not in the step time."""
+    import time
+
+    cfg = _cfg("exp14", tmp_path / "run", dataset, "trainer.max_steps=2", "checkpoint.save_every=100",
+               "trainer.log_every=1")
+    inner = build_loader(cfg, 0, 1, str(tmp_path / "run"))
+    batches = [inner.make_batch(1, s) for s in range(2)]
+
+    class Slow(list):
+        dataset = inner.dataset
+
+        def __iter__(self):
+            for b in super().__iter__():
+                time.sleep(1.5)
+                yield b
+
+        def state_dict(self):
+            return {}
+
+    lines = []
+    tr = Trainer(cfg, Slow(batches), build_model(cfg, torch.device("cpu")), torch.device("cpu"),
+                 str(tmp_path / "run"), log=lines.append)
+    history = tr.fit()
+    assert all(1.5 <= h["data_wait_s"] < 2.5 for h in history)  # the sleep, not the step before
+    step_lines = [line for line in lines if line.startswith("step ")]
+    assert len(step_lines) == 2 and all("| waited 1.5" in line for line in step_lines), step_lines
+
+
 def test_loader_core_contention_note(monkeypatch):
     from olmoearth_fast.trainer import loader_core_contention
 
