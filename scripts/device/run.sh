@@ -348,15 +348,19 @@ EOF
 # ------------------------------------------------------------------------------------ bench
 # Ops first (~30 s together: the loss at hw_p 4, 8, 12, patch embed at p 1, 2, 4, 8, pack+unpack
 # at keep 0.25, 0.5, each ours beside the reference), then the exp14 step, ours beside ref_best
-# size by size (node ids run in the order given: a run cut short loses whole pairs at the end).
+# size by size (node ids run in the order given: a run cut short loses whole pairs at the end),
+# and last, with time left, one loader worker's samples/s on the reference's files and on
+# rechunked ones (B=64, p=4, hw_p=6, ~20 s): how many workers a rank needs beside that step.
 BENCH_OPS=(benchmarks/bench_loss.py benchmarks/bench_patch_embed.py benchmarks/bench_packing.py)
-BENCH_K_DEFAULT="(test_bench_masked_neg_loss and not compile_ref) or (test_bench_patch_embed and not compile_ref and not effective) or (test_pack_unpack and not naive_torch) or (test_train_step and (ours or ref_best))"
+BENCH_LAST=(benchmarks/bench_data.py)
+BENCH_K_DEFAULT="(test_bench_masked_neg_loss and not compile_ref) or (test_bench_patch_embed and not compile_ref and not effective) or (test_pack_unpack and not naive_torch) or (test_train_step and (ours or ref_best)) or (test_bench_data and 4-6 and modality_cross_random and ours)"
 BENCH_STEP_PROVIDERS=(ours ref_best)
 BENCH_SIZES=${BENCH_SIZES:-nano,tiny,base_shallow_decoder}
 if ((REHEARSE)); then
     BENCH_OPS=(benchmarks/bench_patch_embed.py)
     BENCH_K_DEFAULT="test_bench_patch_embed and ours and 8"
     BENCH_STEP_PROVIDERS=()
+    BENCH_LAST=()
 fi
 
 stage_bench() {
@@ -380,11 +384,11 @@ stage_bench() {
     [[ -n "${BENCH_ROUNDS:-}" ]] && env+=(OLMOEARTH_BENCH_ROUNDS="$BENCH_ROUNDS")
     local cmd=(env "${env[@]}" "$PY" -m pytest --benchmark-only -q -rfEs -p no:cacheprovider -p publish_plugin
                -k "${BENCH_K:-$BENCH_K_DEFAULT}")
-    bounded "${cmd[@]}" "${BENCH_OPS[@]}" "${steps[@]}"
+    bounded "${cmd[@]}" "${BENCH_OPS[@]}" "${steps[@]}" "${BENCH_LAST[@]}"
     rc=$?
     if ((rc == 4)); then  # usage error: a step node id no longer exists; select by -k instead
         echo "bench: pytest could not find a node id (exit 4): selecting the step cases with -k"
-        bounded "${cmd[@]}" "${BENCH_OPS[@]}" benchmarks/bench_train_step.py
+        bounded "${cmd[@]}" "${BENCH_OPS[@]}" benchmarks/bench_train_step.py "${BENCH_LAST[@]}"
         rc=$?
     fi
     if ((REHEARSE)); then  # put the developer's table back (or remove the rehearsal's)
