@@ -186,6 +186,7 @@ def test_rechunked_dataset_gives_the_same_batches(demo, tmp_path):
     (["{missing}", "{out}"], "is not a directory"),
     (["{empty}", "{out}"], "holds no sample_*.h5 file"),
     (["{demo}", "{out}", "--chunk", "0"], "--chunk 0: must be at least 1"),
+    (["{demo}", "{out}", "--workers", "0"], "--workers 0: must be at least 1"),
 ])
 def test_rechunk_refuses_bad_input(demo, tmp_path, capsys, args, message):
     from olmoearth_fast.data.rechunk import main

@@ -108,11 +108,13 @@ def rechunk_file(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = 32
 
 def _one(args: tuple[str, str, int, str]) -> str:
     """Rechunk one file: "written", "kept" (done before), or "copied" (unreadable: copied as is)."""
-    src, dst = args[0], args[1]
+    src, dst = args[0], Path(args[1])
     try:
         return "written" if rechunk_file(*args) else "kept"
     except CorruptSampleError:
-        shutil.copy2(src, dst)
+        tmp = dst.with_name(f".tmp-{dst.name}")
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)  # whole or not at all, as the rechunked files
         return "copied"
 
 
@@ -124,7 +126,8 @@ def rechunk_dataset(src: str | os.PathLike, dst: str | os.PathLike, chunk: int =
 
     Raises:
         UserFileNotFoundError: ``src`` is not a directory or holds no sample file.
-        UserValueError: a chunk below 1, an unknown compression, ``dst`` equal to ``src``.
+        UserValueError: a chunk or worker count below 1, an unknown compression, ``dst`` equal
+            to ``src``.
         CopyMismatchError: a rechunked copy differs from its source.
     """
     src, dst = Path(src), Path(dst)
@@ -132,6 +135,8 @@ def rechunk_dataset(src: str | os.PathLike, dst: str | os.PathLike, chunk: int =
         raise UserFileNotFoundError(f"{src} is not a directory of sample_*.h5 files")
     if chunk < 1:
         raise UserValueError(f"--chunk {chunk}: must be at least 1 (pixels per chunk side)")
+    if workers < 1:
+        raise UserValueError(f"--workers {workers}: must be at least 1 (processes)")
     if compression not in COMPRESSIONS:
         raise UserValueError(f"--compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
     if dst.resolve() == src.resolve():
