@@ -4,8 +4,9 @@ ours: `OlmoEarthH5Dataset.get_item` (reads only the crop window) + `collate_view
 masking, missingness shared by the views). ours_rechunked: the same on a copy of the files
 made by `python -m olmoearth_fast.data.rechunk` (32-px chunks: a crop decompresses only the
 chunks it touches, where the reference's one chunk per raster decompresses the whole tile).
-ref: olmoearth_pretrain's `OlmoEarthDataset` items, stacked as its collator does, masked twice with its strategy. Same files (synthetic
-128-px reference-format tiles), same (patch size, hw_p), single-bandset tokenization.
+ref: olmoearth_pretrain's `OlmoEarthDataset` items, stacked as its collator does, masked twice
+with its strategy. Same files (synthetic 128-px reference-format tiles), same (patch size,
+hw_p), single-bandset tokenization.
 Samples/s = B / median time. The data pipeline runs on CPU workers in both, so the GPU size
 only changes B.
 """

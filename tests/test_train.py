@@ -115,6 +115,7 @@ def test_the_step_line_names_the_wait_for_data(dataset, tmp_path):
                  str(tmp_path / "run"), log=lines.append)
     history = tr.fit()
     assert all(1.5 <= h["data_wait_s"] < 2.5 for h in history)  # the sleep, not the step before
+    assert all(h["step_time"] < 1.5 for h in history)  # nor the sleep in the step
     step_lines = [line for line in lines if line.startswith("step ")]
     assert len(step_lines) == 2 and all("| waited 1.5" in line for line in step_lines), step_lines
 

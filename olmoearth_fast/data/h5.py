@@ -51,14 +51,21 @@ def sample_path(directory: str | os.PathLike, index: int) -> Path:
     return Path(directory) / SAMPLE_FILE_PATTERN.format(index=index)
 
 
+def compression_filter(compression: str | None, clevel: int = 3) -> dict:
+    """h5py `create_dataset` keywords of a compression filter: zstd (hdf5plugin), gzip, or None."""
+    if compression is None:
+        return {}
+    if compression == "zstd":
+        return dict(hdf5plugin.Zstd(clevel=clevel))
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": clevel}
+    raise ValueError(f"compression must be 'zstd', 'gzip' or None, got {compression!r}")
+
+
 def _create_kwargs(data: np.ndarray, compression: str | None, clevel: int) -> dict:
     if compression is None or data.size == 0 or data.ndim == 0:
         return {}
-    if compression == "zstd":
-        return {"chunks": data.shape, **hdf5plugin.Zstd(clevel=clevel)}
-    if compression == "gzip":
-        return {"chunks": data.shape, "compression": "gzip", "compression_opts": clevel}
-    raise ValueError(f"compression must be 'zstd', 'gzip' or None, got {compression!r}")
+    return {"chunks": data.shape, **compression_filter(compression, clevel)}
 
 
 def write_sample(

@@ -30,10 +30,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import h5py
-import hdf5plugin
 import numpy as np
 
-from olmoearth_fast.data.h5 import CorruptSampleError
+from olmoearth_fast.data.h5 import CorruptSampleError, compression_filter
 from olmoearth_fast.errors import UserFileNotFoundError, UserValueError
 from olmoearth_fast.modalities import MODALITIES
 
@@ -44,12 +43,9 @@ class CopyMismatchError(RuntimeError):
     """A rechunked file read back differs from its source (never expected; names the file)."""
 
 
-def _filter(compression: str) -> dict:
-    if compression == "zstd":
-        return dict(hdf5plugin.Zstd(clevel=3))
-    if compression == "gzip":
-        return {"compression": "gzip", "compression_opts": 3}
-    return {}
+def _temporary(dst: Path) -> Path:
+    """Where ``dst`` is written before it is renamed into place."""
+    return dst.with_name(f".tmp-{dst.name}")
 
 
 def chunk_shape(name: str, shape: tuple[int, ...], chunk: int) -> tuple[int, ...] | None:
@@ -83,8 +79,8 @@ def rechunk_file(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = 32
                 (name, None if isinstance(obj, h5py.Group) else obj[()], dict(obj.attrs))))
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise CorruptSampleError(f"{src}: cannot rechunk ({type(e).__name__}: {e})") from e
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    kw = _filter(compression)
+    tmp = _temporary(dst)
+    kw = compression_filter(None if compression == "none" else compression)
     try:
         with h5py.File(tmp, "w") as fo:
             fo.attrs.update(attrs)
@@ -112,7 +108,7 @@ def _one(args: tuple[str, str, int, str]) -> str:
     try:
         return "written" if rechunk_file(*args) else "kept"
     except CorruptSampleError:
-        tmp = dst.with_name(f".tmp-{dst.name}")
+        tmp = _temporary(dst)
         shutil.copy2(src, tmp)
         os.replace(tmp, dst)  # whole or not at all, as the rechunked files
         return "copied"
