@@ -193,7 +193,14 @@ def bench(benchmark, request):
         benchmark.extra_info.update(PROVENANCE)
         benchmark.extra_info.update({"provider": "+".join(names), "paired": True, **info})
         benchmark.pedantic(one_round, setup=_flush_l2, rounds=rounds, iterations=1)
-        peak = statistics.median(probes) if probes else _device_peak()[0]
+        return from_times(times, group=group, flops=flops, probes=probes, **info)
+
+    def from_times(times: dict, *, group: str, flops: dict | None = None, probes: list | None = None, **info):
+        """Records for providers timed interleaved elsewhere (``times``: {provider: [seconds per
+        round]}, e.g. inside the ranks of a distributed run), as `paired` makes them."""
+        names = list(times)
+        rounds = len(times[names[0]])
+        peak = statistics.median(probes) if probes else (_device_peak()[0] if flops else None)
         medians, per_round = {}, {}
         for n in names:
             med = statistics.median(times[n])
@@ -223,6 +230,7 @@ def bench(benchmark, request):
         return medians
 
     run.paired = paired
+    run.from_times = from_times
     return run
 
 

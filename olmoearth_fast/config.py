@@ -85,6 +85,10 @@ class TrainerConfig:
     # CUDA: the caching allocator grows its segments in place, for batches whose packed size
     # changes every step (see trainer.expandable_cuda_segments); PYTORCH_CUDA_ALLOC_CONF wins
     expandable_segments: bool = True
+    # several ranks: gradients averaged in buckets of this many MB, each all-reduce launched
+    # while the last microbatch's backward still runs (olmoearth_fast/grad_sync.py); 0 = one
+    # all-reduce of all gradients after the backward
+    grad_bucket_mb: float = 25.0
     log_every: int = 1
 
 

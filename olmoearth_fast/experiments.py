@@ -214,6 +214,9 @@ def check(cfg: RunConfig) -> None:
     if d.num_workers < 0 or d.prefetch_factor < 1:
         raise UserValueError(f"data.num_workers={d.num_workers} must be >= 0 (0: batches made between steps) and "
                              f"data.prefetch_factor={d.prefetch_factor} >= 1 (batches each worker makes ahead)")
+    if t.grad_bucket_mb < 0:
+        raise UserValueError(f"trainer.grad_bucket_mb={t.grad_bucket_mb} must be >= 0 (MB per all-reduce bucket; "
+                             "0: one all-reduce after the backward)")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise UserValueError(f"trainer.precision={t.precision!r}: use auto, bf16 or fp32")
     if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):

@@ -6,10 +6,11 @@ encoder and decoder as one 2B batch, and
     L = weight · (L_A + L_B) / 2 + InfoNCE_w(pooled_A, pooled_B),   divided by #microbatches,
 with the masked-negatives loss computed in fp32 on the packed DECODER tokens. A non-finite L
 stops the accumulation for this step (the reference `break`s too; here the step is replayed
-without the rest) and the optimizer still steps. Gradients are averaged over ranks after the
-last microbatch (one all-reduce per step), clipped to max_grad_norm, and AdamW steps with linear
-warmup then cosine decay. Every mask-dependent index is planned on the host before the copy to
-the device (`model/plan.py`), and the device is read twice per step (statistics, grad norm).
+without the rest) and the optimizer still steps. Gradients are averaged over ranks in buckets
+whose all-reduces run during the last microbatch's backward (`grad_sync.py`), clipped to
+max_grad_norm, and AdamW steps with linear warmup then cosine decay. Every mask-dependent
+index is planned on the host before the copy to the device (`model/plan.py`), and the device
+is read twice per step (statistics, grad norm).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from olmoearth_fast import checkpoint as ckpt
 from olmoearth_fast import perf
 from olmoearth_fast.config import RunConfig, dumps
 from olmoearth_fast.data.collate import MaskedViews
+from olmoearth_fast.grad_sync import BucketedAllReduce, all_reduce_mean_ref
 from olmoearth_fast.losses import info_nce
 from olmoearth_fast.modalities import LOSS_FIELD_ORDER
 from olmoearth_fast.model.latent_mim import LatentMIM, build_model  # noqa: F401  (build_model: part of this API)
@@ -105,7 +107,12 @@ class Trainer:
             model.compile_blocks()
         self._graphs = _compiled_graphs()
         fused = bool(cfg.optim.fused)
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.trainer.grad_bucket_mb < 0:
+            raise ValueError(f"trainer.grad_bucket_mb must be >= 0 (0: one all-reduce after the backward), "
+                             f"got {cfg.trainer.grad_bucket_mb}")
+        self.reducer = (BucketedAllReduce(params, world_size, cfg.trainer.grad_bucket_mb)
+                        if world_size > 1 and cfg.trainer.grad_bucket_mb > 0 else None)
         # one parameter group, weight decay on every parameter (as the reference's AdamW config)
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                            weight_decay=cfg.optim.weight_decay, fused=fused)
@@ -130,7 +137,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "history": self.history,
-                "config": dumps(self.cfg)}
+                "config": dumps(self.cfg), "grad_buckets": self.reducer.state_dict() if self.reducer else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"], strict=True)
@@ -139,25 +146,12 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.history = list(state.get("history", []))
+        if self.reducer is not None and state.get("grad_buckets"):
+            self.reducer.load_state_dict(state["grad_buckets"])
 
     # ------------------------------------------------------------------------------ loop
     def _handle_signal(self, signum, frame):
         self._stop_signal = signum
-
-    def _allreduce_grads(self) -> None:
-        if self.world_size == 1:
-            return
-        grads = []
-        for p in self.model.parameters():
-            if p.requires_grad:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(reduced)
 
     def _stage(self, batch: MaskedViews) -> tuple[list[tuple[MaskedViews, MicrobatchPlan]], list[MicrobatchPlan]]:
         """The microbatches with their plans on the device, and the plans on the host. On CUDA
@@ -173,11 +167,14 @@ class Trainer:
             staged.append((mb.to(self.device, non_blocking=True), plan.to(self.device, non_blocking=True)))
         return staged, plans
 
-    def _accumulate(self, staged, count: int) -> list[Tensor]:
-        """Forward and backward of the first ``count`` microbatches; their statistics (device)."""
+    def _accumulate(self, staged, count: int, overlap: bool = False) -> list[Tensor]:
+        """Forward and backward of the first ``count`` microbatches; their statistics (device).
+        ``overlap``: the gradient buckets' all-reduces start during the last backward."""
         out = []
-        for mb, plan in staged[:count]:
+        for i, (mb, plan) in enumerate(staged[:count]):
             loss, stats = microbatch_loss(self.model, mb, self.cfg, self.autocast, plan)
+            if overlap and i == count - 1:
+                self.reducer.arm()
             (loss / len(staged)).backward()
             out.append(stats)
         return out
@@ -199,9 +196,16 @@ class Trainer:
         work = perf.plan_work(plans, self.cfg, device_type=self.device.type)
         n = len(staged)
         rng = _torch_rng_state()
-        stats = torch.stack(self._accumulate(staged, n))  # [n, 3 + M]
+        stats = torch.stack(self._accumulate(staged, n, overlap=self.reducer is not None))  # [n, 3 + M]
         finite = torch.isfinite(stats[:, 0])
-        host = torch.cat([finite.float()[:, None], stats], 1).tolist()  # host sync 1 of 2
+        # ranks whose step had a non-finite loss (0 with one rank): the bucketed averages are
+        # kept only when there are none, since a replay changes that rank's gradients
+        nonfinite_ranks = (~finite).any().float().reshape(1)
+        if self.reducer is not None:
+            self.reducer.finish()
+            dist.all_reduce(nonfinite_ranks)
+        # host sync 1 of 2; per microbatch: [finite, nonfinite_ranks, loss, patch_disc, infonce, L_m...]
+        host = torch.cat([finite.float()[:, None], nonfinite_ranks.expand(n)[:, None], stats], 1).tolist()
         good = next((i for i, row in enumerate(host) if not row[0]), n)
         if good < n:
             self.log(f"warning: non-finite loss at step {self.step}, microbatch {good}; keeping the gradients of "
@@ -211,9 +215,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self._accumulate(staged, good)
             _set_torch_rng_state(after)
-        self._allreduce_grads()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+        if self.reducer is not None and host[0][1] == 0:
+            self.reducer.apply()
+        elif self.world_size > 1:
+            all_reduce_mean_ref(self.params, self.world_size)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
         lr = lr_at(self.step, self.cfg, self.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -223,10 +229,10 @@ class Trainer:
                           decoded=int(work.tokens["decoder_queries"]), flops=work.ours_total, ref_flops=work.ref_total)
         mods = plans[0].layout.modalities
         for row in host[:good]:
-            total.loss += row[1] / n
-            total.patch_disc += row[2] / n
-            total.infonce += row[3] / n
-            for k, v in zip(mods, row[4:]):
+            total.loss += row[2] / n
+            total.patch_disc += row[3] / n
+            total.infonce += row[4] / n
+            for k, v in zip(mods, row[5:]):
                 total.per_modality[k] = total.per_modality.get(k, 0.0) + v / n
         return total, float(grad_norm)  # host sync 2 of 2
 

@@ -28,6 +28,11 @@ def test_fake_paired(bench):
                            flops={"fast": 1e9, "slow": 1e9}, note="x")
     with open(os.environ["CALLS_OUT"], "w") as f:
         json.dump({"calls": calls, "medians": medians}, f)
+
+
+def test_fake_from_times(bench, benchmark):  # times taken elsewhere (the ranks of a distributed run)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    bench.from_times({"ours": [1.0, 2.0, 3.0], "ref_best": [2.0, 4.0, 6.5]}, group="external", world_size=2)
 '''
 
 
@@ -44,7 +49,8 @@ def test_paired_timing(tmp_path):
     calls = json.loads((tmp_path / "calls.json").read_text())
     # one warm-up call each, then rounds in alternating order
     assert calls["calls"] == ["fast", "slow"] + ["fast", "slow", "slow", "fast"] * 2
-    records = {r["provider"]: r for r in json.loads((tmp_path / "run.json").read_text())["results"]}
+    results = json.loads((tmp_path / "run.json").read_text())["results"]
+    records = {r["provider"]: r for r in results if r["group"] == "fake"}
     assert set(records) == {"fast", "slow"}
     assert records["slow"]["median_s"] >= 0.03 and records["fast"]["median_s"] >= 0.01
     assert 1.5 < records["slow"]["round_ratio_median"] < 4.5
@@ -57,3 +63,9 @@ def test_paired_timing(tmp_path):
     assert records["fast"]["device_peak_flop_s"] == statistics.median(probes)
     assert records["fast"]["peak_fraction"] == records["fast"]["flop_s"] / statistics.median(probes)
     assert "matmul peak probed beside the rounds" in done.stdout
+    external = {r["provider"]: r for r in results if r["group"] == "external"}
+    assert external["ours"]["median_s"] == 2.0 and external["ref_best"]["median_s"] == 4.0
+    assert external["ours"]["speedup_vs_ref_best"] == 2.0 and external["ref_best"]["round_ratio_median"] == 2.0
+    assert external["ours"]["rounds"] == 3 and external["ours"]["world_size"] == 2
+    assert external["ours"]["peak_fraction"] is None and external["ours"]["peak_probes"] is None
+    assert "external | interleaved over 3 rounds" in done.stdout

@@ -55,6 +55,7 @@ def _fails(capsys, argv) -> str:
     (["exp14", "model.modalities=['sentinel3']"], r"unknown modality 'sentinel3'; valid modalities"),
     (["exp14", "trainer.precision=fp8"], r"trainer.precision='fp8': use auto, bf16 or fp32"),
     (["exp14", "data.prefetch_factor=0"], r"data.prefetch_factor=0 >= 1 \(batches each worker makes ahead\)"),
+    (["exp14", "trainer.grad_bucket_mb=-1"], r"trainer.grad_bucket_mb=-1.0 must be >= 0"),
     (["exp14", "eval.knn_dataset=/no/eurosat"], r"eval.knn_dataset=/no/eurosat: no such path"),
 ])
 def test_config_errors(argv, expected, capsys):
