@@ -65,6 +65,58 @@ def test_plan_packing_equals_device_packing(name, dataset, tmp_path):
     assert counts.sum() == a.decoded.tokens.shape[0]
 
 
+@pytest.mark.parametrize("name", ["exp14", "exp2", "exp10"])
+def test_embed_rows_equal_the_per_part_form(name, dataset, tmp_path):
+    """`EmbedRows.build` (one sort) equals `build_ref` (a pass per part): parts, order, dtypes."""
+    from olmoearth_fast.model.plan import EmbedRows
+    from olmoearth_fast.ops.packing import varlen_index
+
+    from olmoearth_fast.modalities import MaskValue
+
+    cfg = _cfg(name, tmp_path, dataset)
+    tr = _trainer(cfg, tmp_path)
+    for step in range(2):
+        batch = tr.loader.make_batch(1, step)
+        layout = tr.model.layout(batch.data, batch.patch_size)
+        masks = torch.cat([layout.token_masks(m) for m in batch.masks])
+        for keep in (masks == MaskValue.ONLINE_ENCODER, masks == MaskValue.DECODER, masks != MaskValue.MISSING,
+                     torch.zeros_like(masks, dtype=torch.bool)):
+            index = varlen_index(keep)[0]
+            got, want = EmbedRows.build(layout, index, layout.batch), EmbedRows.build_ref(layout, index, layout.batch)
+            assert list(got.parts) == list(want.parts)
+            for k, (rows, view) in want.parts.items():
+                assert torch.equal(got.parts[k][0], rows) and got.parts[k][0].dtype == rows.dtype, k
+                assert torch.equal(got.parts[k][1], view) and got.parts[k][1].dtype == view.dtype, k
+            assert torch.equal(got.order, want.order) and got.order.dtype == want.order.dtype
+
+
+def test_branch_drop_equals_the_per_sample_form():
+    """`BranchDrop.from_keep` (numpy) equals `from_keep_ref`, empty samples and all/none kept too."""
+    from olmoearth_fast.model.attention import Segments
+    from olmoearth_fast.model.plan import BranchDrop
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        b = 1 + trial % 9
+        lengths = torch.randint(0, 7, (b,), generator=gen)
+        if trial % 5 == 0:
+            lengths[0] = 0
+        cu = torch.zeros(b + 1, dtype=torch.int32)
+        cu[1:] = lengths.cumsum(0)
+        seg = Segments.from_cu_seqlens(cu, int(cu[-1]), int(lengths.max()))
+        seg._host = cu.tolist()
+        keep = torch.rand(b, generator=gen) < (0.0, 0.5, 0.9, 1.0)[trial % 4]
+        got, want = BranchDrop.from_keep(seg, keep, 0.1), BranchDrop.from_keep_ref(seg, keep, 0.1)
+        assert torch.equal(got.keep, want.keep) and got.rate == want.rate
+        assert (got.rows is None) == (want.rows is None) and (got.seg is None) == (want.seg is None)
+        if want.rows is not None:
+            assert torch.equal(got.rows, want.rows) and got.rows.dtype == want.rows.dtype
+            for f in ("cu_seqlens", "sample_ids"):
+                x, y = getattr(got.seg, f), getattr(want.seg, f)
+                assert torch.equal(x, y) and x.dtype == y.dtype, f
+            assert got.seg.max_len == want.seg.max_len and got.seg.host() == want.seg.host()
+
+
 def test_nonfinite_microbatch_keeps_the_gradients_before_it(dataset, tmp_path, monkeypatch):
     """A NaN loss in microbatch 1 of 2: the step's update equals one where microbatch 1
     contributes nothing (the reference breaks before its backward), and the step is flagged."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,7 +47,39 @@ class EmbedRows:
     @classmethod
     def build(cls, layout: TokenLayout, index: Tensor, batch: int) -> EmbedRows:
         """From flat positions ``index`` (``vb·N + n`` of a ``[V·B, N]`` stack of ``layout``
-        with ``batch`` samples per view), on ``index``'s device."""
+        with ``batch`` samples per view), on ``index``'s device.
+
+        Each position's segment and bandset give it a key (the parts' order); one stable sort
+        by key is ``order``'s inverse and cuts the positions into the parts, so the work is a
+        few passes over ``index`` whatever the number of (modality, bandset) parts
+        (`build_ref` makes one pass per part: 2 ms of host time a microbatch at base, B=32).
+        """
+        n_tok = layout.seqlen
+        vb, n = index // n_tok, index % n_tok
+        b, view = vb % batch, vb // batch
+        segs = layout.segments
+        dev, dt = index.device, index.dtype
+        starts = torch.tensor([s.offset for s in segs], dtype=dt, device=dev)
+        seg = torch.searchsorted(starts, n, right=True) - 1
+        table = torch.tensor([[s.offset, s.bs, s.t, s.h * s.w if MODALITIES[s.modality].is_spatial else 1,
+                               sum(x.bs for x in segs[:i])] for i, s in enumerate(segs)], dtype=dt, device=dev)
+        offset, bs, t_len, cells, key0 = table[seg].unbind(1)
+        local = n - offset
+        bandset = local % bs
+        t = (local // bs) % t_len
+        rows = (b * t_len + t) * cells + local // (bs * t_len) % cells  # cell = i·w + j (0: time-only)
+        key = key0 + bandset
+        perm = torch.sort(key, stable=True).indices
+        counts = torch.bincount(key, minlength=int(sum(s.bs for s in segs))).tolist()
+        rows, view = rows[perm].split(counts), view[perm].split(counts)
+        names = [(s.modality, k) for s in segs for k in range(s.bs)]
+        order = torch.empty_like(index)
+        order[perm] = torch.arange(index.shape[0], device=dev, dtype=dt)
+        return cls({k: (r, v) for k, r, v in zip(names, rows, view)}, order)
+
+    @classmethod
+    def build_ref(cls, layout: TokenLayout, index: Tensor, batch: int) -> EmbedRows:
+        """`build`, one pass over ``index`` per (modality, bandset) part."""
         n_tok = layout.seqlen
         vb, n = index // n_tok, index % n_tok
         b, view = vb % batch, vb // batch
@@ -130,7 +163,26 @@ class BranchDrop:
 
     @classmethod
     def from_keep(cls, seg: Segments, keep: Tensor, rate: float) -> BranchDrop:
-        """From a host draw ``keep [B]`` (bool) over host segments ``seg``."""
+        """From a host draw ``keep [B]`` (bool) over host segments ``seg``. Small arrays (B
+        entries) in numpy: ~24 of these a microbatch, on the host, while the device waits."""
+        kept = keep.numpy()
+        if kept.all() or not kept.any():
+            return cls(keep, rate)
+        cu = np.asarray(seg.host(), dtype=np.int64)
+        starts, lengths = cu[:-1][kept], np.diff(cu)[kept]
+        cu_kept = np.zeros(len(lengths) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=cu_kept[1:])
+        total = int(cu_kept[-1])
+        # the kept samples' rows, start_i .. start_i + length_i - 1 each
+        rows = np.arange(total, dtype=np.int64) + np.repeat(starts - cu_kept[:-1], lengths)
+        sub = Segments(torch.from_numpy(cu_kept),
+                       torch.from_numpy(np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)),
+                       int(lengths.max()), None, cu_kept.tolist())
+        return cls(keep, rate, torch.from_numpy(rows), sub)
+
+    @classmethod
+    def from_keep_ref(cls, seg: Segments, keep: Tensor, rate: float) -> BranchDrop:
+        """`from_keep` with a torch op per kept sample."""
         kept = keep.tolist()
         if all(kept) or not any(kept):
             return cls(keep, rate)
