@@ -153,36 +153,30 @@ class Trainer:
     def _handle_signal(self, signum, frame):
         self._stop_signal = signum
 
-    def _stage(self, batch: MaskedViews) -> tuple[list[tuple[MaskedViews, MicrobatchPlan]], list[MicrobatchPlan]]:
-        """The microbatches with their plans on the device, and the plans on the host. On CUDA
-        everything is page-locked first: a copy from pageable memory synchronises the stream, a
-        pinned one does not."""
-        cfg = self.cfg
-        staged, plans = [], []
-        for mb in batch.microbatches(cfg.data.rank_microbatch_size):
-            plan = self.model.plan(mb.data, mb.masks, mb.patch_size, cfg.loss.mask_negatives_for_modalities)
-            plans.append(plan)
-            if self.device.type == "cuda":
-                mb, plan = mb.pin_memory(), plan.pin_memory()
-            staged.append((mb.to(self.device, non_blocking=True), plan.to(self.device, non_blocking=True)))
-        return staged, plans
+    def _stage(self, mb: MaskedViews) -> tuple[tuple[MaskedViews, MicrobatchPlan], MicrobatchPlan]:
+        """A microbatch and its plan on the device, and the plan on the host. The plan is made on
+        the host (and draws the encoder's DropPath); on CUDA everything is page-locked first: a
+        copy from pageable memory synchronises the stream, a pinned one does not."""
+        plan = self.model.plan(mb.data, mb.masks, mb.patch_size, self.cfg.loss.mask_negatives_for_modalities)
+        host_plan = plan
+        if self.device.type == "cuda":
+            mb, plan = mb.pin_memory(), plan.pin_memory()
+        return (mb.to(self.device, non_blocking=True), plan.to(self.device, non_blocking=True)), host_plan
 
-    def _accumulate(self, staged, count: int, overlap: bool = False) -> list[Tensor]:
-        """Forward and backward of the first ``count`` microbatches; their statistics (device).
-        ``overlap``: the gradient buckets' all-reduces start during the last backward."""
-        out = []
-        for i, (mb, plan) in enumerate(staged[:count]):
-            loss, stats = microbatch_loss(self.model, mb, self.cfg, self.autocast, plan)
-            if overlap and i == count - 1:
-                self.reducer.arm()
-            (loss / len(staged)).backward()
-            out.append(stats)
-        return out
+    def _forward_backward(self, staged, n: int) -> Tensor:
+        """Loss and backward of one staged microbatch of ``n``; its statistics (device)."""
+        mb, plan = staged
+        loss, stats = microbatch_loss(self.model, mb, self.cfg, self.autocast, plan)
+        (loss / n).backward()
+        return stats
 
     def train_step(self, batch: MaskedViews) -> tuple[StepStats, float]:
         """One optimizer step on a rank batch. Two host syncs in all: the microbatches'
         statistics and finiteness are read once after their backward passes, the gradient norm
-        once after clipping (per-microbatch reads would stall the device's launch queue).
+        once after clipping (per-microbatch reads would stall the device's launch queue). Each
+        microbatch is planned and copied just before its forward, so that from the second on
+        the host's share (7.7 ms a base microbatch of 32, `benchmarks/bench_plan.py`) runs while
+        the device computes the one before; only the first one's is exposed.
 
         A non-finite microbatch loss ends the accumulation there, as in the reference (its
         `break` precedes that microbatch's backward): the step is replayed from its saved RNG
@@ -191,12 +185,21 @@ class Trainer:
         """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        staged, plans = self._stage(batch)
+        mbs = batch.microbatches(self.cfg.data.rank_microbatch_size)
+        n = len(mbs)
+        staged, plans, rngs, stats = [], [], [], []
+        for i, mb in enumerate(mbs):
+            # microbatch i is planned on the host while the device still runs microbatch i-1
+            dev, plan = self._stage(mb)
+            staged.append(dev)
+            plans.append(plan)
+            rngs.append(_torch_rng_state())  # what its forward draws from (band dropout, CPU DropPath)
+            if self.reducer is not None and i == n - 1:
+                self.reducer.arm()  # the gradient buckets' all-reduces start during this backward
+            stats.append(self._forward_backward(dev, n))
         # host arithmetic while the device works
         work = perf.plan_work(plans, self.cfg, device_type=self.device.type)
-        n = len(staged)
-        rng = _torch_rng_state()
-        stats = torch.stack(self._accumulate(staged, n, overlap=self.reducer is not None))  # [n, 3 + M]
+        stats = torch.stack(stats)  # [n, 3 + M]
         finite = torch.isfinite(stats[:, 0])
         # ranks whose step had a non-finite loss (0 with one rank): the bucketed averages are
         # kept only when there are none, since a replay changes that rank's gradients
@@ -211,9 +214,10 @@ class Trainer:
             self.log(f"warning: non-finite loss at step {self.step}, microbatch {good}; keeping the gradients of "
                      f"the {good} microbatch(es) before it")
             after = _torch_rng_state()
-            _set_torch_rng_state(rng)
             self.optimizer.zero_grad(set_to_none=True)
-            self._accumulate(staged, good)
+            for i in range(good):
+                _set_torch_rng_state(rngs[i])
+                self._forward_backward(staged[i], n)
             _set_torch_rng_state(after)
         if self.reducer is not None and host[0][1] == 0:
             self.reducer.apply()

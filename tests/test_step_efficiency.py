@@ -117,6 +117,25 @@ def test_branch_drop_equals_the_per_sample_form():
             assert got.seg.max_len == want.seg.max_len and got.seg.host() == want.seg.host()
 
 
+def test_each_microbatch_is_planned_after_the_one_before_is_launched(dataset, tmp_path, monkeypatch):
+    """The host plans microbatch i+1 while the device runs microbatch i: plan, forward and
+    backward alternate instead of every plan coming first."""
+    tr = _trainer(_cfg("exp14", tmp_path, dataset), tmp_path)  # 2 microbatches per step
+    events = []
+    plan, loss = tr.model.plan, trainer_mod.microbatch_loss
+
+    def recorded(name, fn):
+        def wrapped(*a, **k):
+            events.append(name)
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(tr.model, "plan", recorded("plan", plan))
+    monkeypatch.setattr(trainer_mod, "microbatch_loss", recorded("forward", loss))
+    tr.train_step(tr.loader.make_batch(1, 0))
+    assert events == ["plan", "forward", "plan", "forward"]
+
+
 def test_nonfinite_microbatch_keeps_the_gradients_before_it(dataset, tmp_path, monkeypatch):
     """A NaN loss in microbatch 1 of 2: the step's update equals one where microbatch 1
     contributes nothing (the reference breaks before its backward), and the step is flagged."""
