@@ -1,7 +1,8 @@
 """Data pipeline throughput: read + crop + normalise + two-view masking of one rank batch.
 
 ours: `OlmoEarthH5Dataset.get_item` (reads only the crop window) + `collate_views` (vectorised
-masking, missingness shared by the views). ours_rechunked: the same on a copy of the files
+masking, missingness shared by the views) + the microbatch plans the loader makes with each
+batch (`model.plan.BatchPlanner`, exp14 at base: the step's host work, moved into the workers). ours_rechunked: the same on a copy of the files
 made by `python -m olmoearth_fast.data.rechunk` (32-px chunks: a crop decompresses only the
 chunks it touches, where the reference's one chunk per raster decompresses the whole tile).
 ref: olmoearth_pretrain's `OlmoEarthDataset` items, stacked as its collator does, masked twice
@@ -43,6 +44,16 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+def _planner():
+    """The exp14 base model's batch planner (microbatches of 32, or the whole batch)."""
+    from olmoearth_fast import experiments
+    from olmoearth_fast.config import apply_overrides
+    from olmoearth_fast.trainer import build_model
+
+    cfg = apply_overrides(experiments.get("exp14"), ["model.size=base_shallow_decoder"])
+    return build_model(cfg, torch.device("cpu")).batch_planner(min(B, 32), cfg.loss.mask_negatives_for_modalities)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return make_demo_dataset(tmp_path_factory.mktemp("bench_data"), num_samples=B, seed=0,
@@ -69,11 +80,14 @@ def test_bench_data(bench, files, rechunked, provider, strategy, p, hw_p):
         ds = OlmoEarthH5Dataset(rechunked if provider == "ours_rechunked" else files)
         masking = build_masking(cfg, "single_bandset")
         gen = torch.Generator().manual_seed(0)
+        planner = _planner()
 
         def fn():
             rng = np.random.default_rng(0)
             samples = [ds.get_item(i, p, hw_p, 2250, rng) for i in idxs]
-            return collate_views(samples, p, hw_p, masking, gen, num_views=2)
+            batch = collate_views(samples, p, hw_p, masking, gen, num_views=2)
+            batch.plans = planner(batch, 0)
+            return batch
     else:
         pytest.importorskip("olmoearth_pretrain")
         from olmoearth_pretrain.datatypes import OlmoEarthSample

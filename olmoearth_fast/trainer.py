@@ -106,6 +106,8 @@ class Trainer:
         if self.compiled:
             model.compile_blocks()
         self._graphs = _compiled_graphs()
+        if hasattr(loader, "planner"):  # the loader plans each batch where it makes it
+            loader.planner = model.batch_planner(cfg.data.rank_microbatch_size, cfg.loss.mask_negatives_for_modalities)
         fused = bool(cfg.optim.fused)
         self.params = params = [p for p in model.parameters() if p.requires_grad]
         if cfg.trainer.grad_bucket_mb < 0:
@@ -154,10 +156,15 @@ class Trainer:
         self._stop_signal = signum
 
     def _stage(self, mb: MaskedViews) -> tuple[tuple[MaskedViews, MicrobatchPlan], MicrobatchPlan]:
-        """A microbatch and its plan on the device, and the plan on the host. The plan is made on
-        the host (and draws the encoder's DropPath); on CUDA everything is page-locked first: a
-        copy from pageable memory synchronises the stream, a pinned one does not."""
-        plan = self.model.plan(mb.data, mb.masks, mb.patch_size, self.cfg.loss.mask_negatives_for_modalities)
+        """A microbatch and its plan on the device, and the plan on the host. The loader's
+        batches bring their plans (made in its workers); others are planned here, drawing the
+        encoder's DropPath from the global generator. On CUDA everything is page-locked first (a
+        no-op for what the loader pinned): a copy from pageable memory synchronises the stream,
+        a pinned one does not."""
+        if mb.plans is not None:  # made by the loader (its planner, set below)
+            plan = mb.plans[0]
+        else:
+            plan = self.model.plan(mb.data, mb.masks, mb.patch_size, self.cfg.loss.mask_negatives_for_modalities)
         host_plan = plan
         if self.device.type == "cuda":
             mb, plan = mb.pin_memory(), plan.pin_memory()

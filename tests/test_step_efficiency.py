@@ -117,9 +117,38 @@ def test_branch_drop_equals_the_per_sample_form():
             assert got.seg.max_len == want.seg.max_len and got.seg.host() == want.seg.host()
 
 
+def test_loader_plans_are_the_models(dataset, tmp_path):
+    """The plans a loader batch brings equal `LatentMIM.plan` in training mode with the batch's
+    DropPath generator, per microbatch; they travel with the batch (`to`, `microbatches`)."""
+    import numpy as np
+
+    cfg = _cfg("exp14", tmp_path, dataset, "model.drop_path=0.3")
+    tr = _trainer(cfg, tmp_path)
+    batch = tr.loader.make_batch(1, 1)
+    gen = torch.Generator().manual_seed(int(tr.loader.batch_seed(1, 1).generate_state(2, np.uint64)[1] >> 1))
+    tr.model.train()
+    mbs = batch.to("cpu").microbatches(cfg.data.rank_microbatch_size)
+    assert len(mbs) == len(batch.plans) == 2
+    drawn = 0
+    for mb in mbs:
+        got = mb.plans[0]
+        want = tr.model.plan(mb.data, mb.masks, mb.patch_size, cfg.loss.mask_negatives_for_modalities, gen)
+        assert torch.equal(got.masks, want.masks) and got.layout == want.layout
+        for a, b in ((got.online, want.online), (got.decoder, want.decoder)):
+            assert torch.equal(a.index, b.index) and torch.equal(a.rows.order, b.rows.order)
+        assert all(torch.equal(x, y) for x, y in zip(got.loss, want.loss))
+        for (a1, m1), (a2, m2) in zip(got.drop_path, want.drop_path):
+            assert torch.equal(a1.keep, a2.keep) and torch.equal(m1.keep, m2.keep)
+            drawn += int((~a1.keep).sum() + (~m1.keep).sum())
+    assert drawn > 0  # some branches dropped: the draws were compared
+    with pytest.raises(ValueError, match="holds 2 microbatch plans, not one per microbatch of 1"):
+        batch.microbatches(1)
+
+
 def test_each_microbatch_is_planned_after_the_one_before_is_launched(dataset, tmp_path, monkeypatch):
-    """The host plans microbatch i+1 while the device runs microbatch i: plan, forward and
-    backward alternate instead of every plan coming first."""
+    """The loader's batches bring their plans: the step makes none. A batch without them: the
+    host plans microbatch i+1 while the device runs microbatch i (plan and forward alternate
+    instead of every plan coming first)."""
     tr = _trainer(_cfg("exp14", tmp_path, dataset), tmp_path)  # 2 microbatches per step
     events = []
     plan, loss = tr.model.plan, trainer_mod.microbatch_loss
@@ -132,7 +161,13 @@ def test_each_microbatch_is_planned_after_the_one_before_is_launched(dataset, tm
 
     monkeypatch.setattr(tr.model, "plan", recorded("plan", plan))
     monkeypatch.setattr(trainer_mod, "microbatch_loss", recorded("forward", loss))
-    tr.train_step(tr.loader.make_batch(1, 0))
+    batch = tr.loader.make_batch(1, 0)
+    assert len(batch.plans) == 2
+    tr.train_step(batch)
+    assert events == ["forward", "forward"]
+    events.clear()
+    batch.plans = None
+    tr.train_step(batch)
     assert events == ["plan", "forward", "plan", "forward"]
 
 

@@ -33,6 +33,8 @@ class MaskedViews:
         patch_size: p, shared by the batch.
         hw_p: tokens per crop side (H = W = hw_p·p).
         sample_indices: int64 `[B]` file indices (for debugging and determinism checks).
+        plans: the host plans of the batch's microbatches (`model.plan.MicrobatchPlan`, one per
+            microbatch, made by the loader's planner), or None (the trainer plans then).
     """
 
     data: dict[str, Tensor]
@@ -41,6 +43,7 @@ class MaskedViews:
     patch_size: int
     hw_p: int
     sample_indices: Tensor | None = field(default=None)
+    plans: list | None = field(default=None)
 
     @property
     def batch_size(self) -> int:
@@ -50,7 +53,7 @@ class MaskedViews:
     def num_views(self) -> int:
         return len(self.masks)
 
-    def _map(self, fn) -> MaskedViews:
+    def _map(self, fn, plan_fn=None) -> MaskedViews:
         return MaskedViews(
             data={k: fn(v) for k, v in self.data.items()},
             timestamps=fn(self.timestamps),
@@ -58,24 +61,34 @@ class MaskedViews:
             patch_size=self.patch_size,
             hw_p=self.hw_p,
             sample_indices=None if self.sample_indices is None else fn(self.sample_indices),
+            plans=None if self.plans is None or plan_fn is None else [plan_fn(p) for p in self.plans],
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskedViews:
-        """Every tensor moved to `device`."""
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        """Every tensor moved to `device` (the plans too)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking),
+                         lambda p: p.to(torch.device(device), non_blocking))
 
     def pin_memory(self) -> MaskedViews:
-        """Page-locked copy (called by torch's DataLoader when pin_memory=True)."""
-        return self._map(lambda t: t.pin_memory())
+        """Page-locked copy (called by torch's DataLoader when pin_memory=True), plans too."""
+        return self._map(lambda t: t.pin_memory(), lambda p: p.pin_memory())
 
     def microbatches(self, size: int) -> list[MaskedViews]:
         """Split along B into chunks of `size` samples (the last may be smaller), like the
-        reference's `split_masked_batch(batch, rank_microbatch_size)`."""
+        reference's `split_masked_batch(batch, rank_microbatch_size)`; each chunk keeps its
+        plan where the batch has them."""
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"microbatch size must be a positive int, got {size!r}")
+        starts = range(0, self.batch_size, size)
+        if self.plans is not None and len(self.plans) != len(starts):
+            raise ValueError(f"the batch holds {len(self.plans)} microbatch plans, not one per microbatch of "
+                             f"{size} ({len(starts)}): plan it with the same microbatch size")
         out = []
-        for s in range(0, self.batch_size, size):
-            out.append(self._map(lambda t, s=s: t[s:s + size]))
+        for i, s in enumerate(starts):
+            mb = self._map(lambda t, s=s: t[s:s + size])
+            if self.plans is not None:
+                mb.plans = [self.plans[i]]
+            out.append(mb)
         return out
 
 

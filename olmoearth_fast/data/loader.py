@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,9 @@ class OlmoEarthLoader:
         rank, world_size: data-parallel position; the rank batch is global / world_size.
         training_modalities: modalities to load when `dataset` is a path.
         pin_memory: page-lock the batches made by worker processes (CUDA training).
+        planner: ``planner(batch, seed)`` → the batch's microbatch plans, stored in
+            `MaskedViews.plans` (`model.plan.BatchPlanner`); ``seed`` comes from the batch's
+            seed, so the plans do not depend on the worker count.
 
     Raises:
         ValueError: inconsistent sizes, ranks or shape lists (the message names the setting).
@@ -98,10 +101,14 @@ class OlmoEarthLoader:
         world_size: int = 1,
         training_modalities: Sequence[str] = TRAINING_MODALITIES,
         pin_memory: bool = False,
+        planner: Callable[[MaskedViews, int], list] | None = None,
     ):
         if not isinstance(dataset, OlmoEarthH5Dataset):
             dataset = OlmoEarthH5Dataset(dataset, training_modalities, skip_corrupt=data.skip_corrupt)
         self.dataset = dataset
+        # the microbatch plans of every batch, made with it (`model.plan.BatchPlanner`; set by the
+        # trainer): in the worker processes, off the thread that feeds the device
+        self.planner = planner
         global_batch_size = data.global_batch_size
         if global_batch_size < 1 or world_size < 1 or global_batch_size % world_size:
             raise UserValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
@@ -235,8 +242,12 @@ class OlmoEarthLoader:
                              f"{self.tile_size}-px tiles")
         hw_p = int(rng.choice(fits))
         samples = [self._load(int(pos), p, hw_p, rng) for pos in mine]
-        gen = torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 1))
-        return collate_views(samples, p, hw_p, self.masking, gen, self.num_views)
+        words = ss.generate_state(2, np.uint64)  # [0]: the masks, [1]: the plans' DropPath draws
+        batch = collate_views(samples, p, hw_p, self.masking, torch.Generator().manual_seed(int(words[0] >> 1)),
+                              self.num_views)
+        if self.planner is not None:
+            batch.plans = self.planner(batch, int(words[1] >> 1))
+        return batch
 
     def __iter__(self) -> Iterator[MaskedViews]:
         """Batches from the cursor to the end of the epoch; then the next epoch is armed."""

@@ -21,7 +21,7 @@ from olmoearth_fast.model.decoder import Decoder, gather_targets
 from olmoearth_fast.model.encoder import Encoder, Packed
 from olmoearth_fast.model.layout import TokenLayout
 from olmoearth_fast.model.patch_embed import MultiModalPatchEmbeddings
-from olmoearth_fast.model.plan import MicrobatchPlan, PackPlan, plan_microbatch
+from olmoearth_fast.model.plan import BatchPlanner, MicrobatchPlan, PackPlan, plan_microbatch
 
 # The reference's MODEL_SIZE_ARGS (internal/utils.py; FEB ⊂ HEAD):
 # (encoder D, encoder depth, encoder heads, decoder D, decoder depth, decoder heads, mlp_ratio)
@@ -95,12 +95,18 @@ class LatentMIM(nn.Module):
         return TokenLayout.build(data, patch_size, self.tokenization, self.cfg.modalities)
 
     def plan(self, data: dict[str, Tensor], view_masks: list[dict[str, Tensor]], patch_size: int,
-             mask_negatives_for: tuple[str, ...] | None) -> MicrobatchPlan:
+             mask_negatives_for: tuple[str, ...] | None, generator: torch.Generator | None = None) -> MicrobatchPlan:
         """Host-side packing plan of a microbatch (host tensors in, host tensors out); in training
-        mode it also draws the encoder's DropPath (`model.plan.draw_drop_path`)."""
+        mode it also draws the encoder's DropPath (`model.plan.draw_drop_path`, from
+        ``generator`` or the global CPU generator)."""
         drop = (len(self.encoder.blocks), self.cfg.drop_path) if self.training else None
         return plan_microbatch(self.layout(data, patch_size), view_masks, self.cfg.merge_bandsets,
-                               mask_negatives_for, drop)
+                               mask_negatives_for, drop, generator)
+
+    def batch_planner(self, microbatch_size: int, mask_negatives_for: tuple[str, ...] | None) -> BatchPlanner:
+        """What `plan` does in training mode, for the loader to run on whole rank batches."""
+        return BatchPlanner(self.tokenization, tuple(self.cfg.modalities), self.cfg.merge_bandsets,
+                            mask_negatives_for, microbatch_size, (len(self.encoder.blocks), self.cfg.drop_path))
 
     @torch.no_grad()
     def target(self, data: dict[str, Tensor], layout: TokenLayout) -> Tensor:

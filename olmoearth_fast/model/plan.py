@@ -157,9 +157,10 @@ class BranchDrop:
     seg: Segments | None = None
 
     @classmethod
-    def draw(cls, seg: Segments, rate: float) -> BranchDrop:
-        """One draw for the samples of host segments ``seg`` (the global CPU generator)."""
-        return cls.from_keep(seg, torch.rand(seg.batch) < 1.0 - rate, rate)
+    def draw(cls, seg: Segments, rate: float, generator: torch.Generator | None = None) -> BranchDrop:
+        """One draw for the samples of host segments ``seg`` (from ``generator``, or the global
+        CPU generator)."""
+        return cls.from_keep(seg, torch.rand(seg.batch, generator=generator) < 1.0 - rate, rate)
 
     @classmethod
     def from_keep(cls, seg: Segments, keep: Tensor, rate: float) -> BranchDrop:
@@ -204,9 +205,10 @@ class BranchDrop:
                           None if self.seg is None else self.seg.pin_memory())
 
 
-def draw_drop_path(seg: Segments, depth: int, rate: float) -> list[tuple[BranchDrop, BranchDrop]]:
+def draw_drop_path(seg: Segments, depth: int, rate: float,
+                   generator: torch.Generator | None = None) -> list[tuple[BranchDrop, BranchDrop]]:
     """The (attention, MLP) branch draws of ``depth`` blocks over host segments ``seg``."""
-    return [(BranchDrop.draw(seg, rate), BranchDrop.draw(seg, rate)) for _ in range(depth)]
+    return [(BranchDrop.draw(seg, rate, generator), BranchDrop.draw(seg, rate, generator)) for _ in range(depth)]
 
 
 @dataclass
@@ -256,11 +258,13 @@ class MicrobatchPlan:
 
 def plan_microbatch(layout: TokenLayout, view_masks: list[dict[str, Tensor]], merge_bandsets: bool,
                     mask_negatives_for: tuple[str, ...] | None,
-                    drop_path: tuple[int, float] | None = None) -> MicrobatchPlan:
+                    drop_path: tuple[int, float] | None = None,
+                    generator: torch.Generator | None = None) -> MicrobatchPlan:
     """The plan of one microbatch from its host pixel masks (one dict per view).
 
     ``drop_path`` (encoder depth, rate) also draws the encoder's stochastic depth here, on the
-    host (not with the bandset merge, whose packing the plan does not hold)."""
+    host, from ``generator`` (default: the global CPU generator); not with the bandset merge,
+    whose packing the plan does not hold."""
     masks = torch.cat([layout.token_masks(m) for m in view_masks])  # [V·B, N]
     if masks.is_cuda:
         raise ValueError("plan_microbatch: masks must be on the host (plan before moving the batch)")
@@ -280,6 +284,35 @@ def plan_microbatch(layout: TokenLayout, view_masks: list[dict[str, Tensor]], me
     flags = torch.tensor([mask_negatives_for is None or mod in mask_negatives_for for mod in mods])
     drops = None
     if drop_path is not None and drop_path[1] > 0 and online is not None:
-        drops = draw_drop_path(online.seg, *drop_path)
+        drops = draw_drop_path(online.seg, *drop_path, generator)
     return MicrobatchPlan(layout, masks, online, decoder,
                           LossSegments(seg_offsets, seg_modality, flags.repeat(views * b)), views, drops)
+
+
+@dataclass(frozen=True)
+class BatchPlanner:
+    """The plans of a rank batch's microbatches, made where the batch is made.
+
+    The loader calls it for every batch (`OlmoEarthLoader(planner=...)`, in its worker
+    processes when it has any), so that the training step finds its plans ready and the host
+    thread that feeds the device only copies them. The DropPath draws come from a generator
+    seeded per batch, so a batch's plans are the same wherever and whenever they are made.
+    `LatentMIM.batch_planner` makes one from a model's settings.
+    """
+
+    tokenization: object  # TokenizationConfig
+    modalities: tuple[str, ...]
+    merge_bandsets: bool
+    mask_negatives_for: tuple[str, ...] | None
+    microbatch_size: int
+    drop_path: tuple[int, float] | None  # (encoder depth, rate)
+
+    def __call__(self, batch, seed: int) -> list[MicrobatchPlan]:
+        """Plans of ``batch`` (`data.collate.MaskedViews`) split into microbatches."""
+        gen = torch.Generator().manual_seed(seed)
+        plans = []
+        for mb in batch.microbatches(self.microbatch_size):
+            layout = TokenLayout.build(mb.data, mb.patch_size, self.tokenization, self.modalities)
+            plans.append(plan_microbatch(layout, mb.masks, self.merge_bandsets, self.mask_negatives_for,
+                                         self.drop_path, gen))
+        return plans
