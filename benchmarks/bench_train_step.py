@@ -6,7 +6,9 @@ weights (the reference model's init, imported into ours), same rank batch of two
 split into microbatches the same way. Providers:
 
 * ``ours``: `Trainer.train_step` (packed varlen encoder/decoder, both views in one pass, target
-  projection once per microbatch, fused/chunked loss).
+  projection once per microbatch, fused/chunked loss), on the loader's batches, which bring
+  their microbatch plans (made by the loader's workers in training; `bench_data.py` counts them
+  in the loader's time). On GPU every provider's batches are page-locked beforehand.
 * ``ref_best``: the reference's fastest faithful configuration (`reference_step.py`: projection-
   only target, vectorised loss, fused AdamW, band dropout enabled, the device's faster patch
   projection). The headline ratio is against it.
@@ -119,6 +121,9 @@ def _setup(provider: str, size: str, dataset: str, tmp_path):
         model = build_model(cfg, torch.device("cpu"))
         import_reference_state_dict(model, init.state_dict())
         trainer = Trainer(cfg, loader, model.to(DEVICE), DEVICE, str(tmp_path / "run"), log=lambda *a: None)
+        # the same batches, now with the microbatch plans the trainer's loader makes (in its
+        # worker processes during training, beside the step)
+        batches = [loader.make_batch(1, s) for s in range(2)]
         step_fn = trainer.train_step
         flops = sum(w.ours_total for w in work) / len(work)
     else:
@@ -130,6 +135,8 @@ def _setup(provider: str, size: str, dataset: str, tmp_path):
         # of its work equals ref_best's (its target encoder exits at 0: the projection only)
         flops = sum(w.ref_total - (w.ref["loss"] - w.ours["loss"] if variant == "feb" else 0) for w in work) / len(work)
     del init
+    if ON_GPU:  # page-locked, as a DataLoader with pin_memory hands them to every provider's step
+        batches = [b.pin_memory() for b in batches]
     state = {"i": 0}
 
     def step():
