@@ -19,7 +19,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -161,8 +161,8 @@ class Trainer:
         encoder's DropPath from the global generator. On CUDA everything is page-locked first (a
         no-op for what the loader pinned): a copy from pageable memory synchronises the stream,
         a pinned one does not."""
-        if mb.plans is not None:  # made by the loader (its planner, set below)
-            plan = mb.plans[0]
+        if mb.plans is not None:  # made by the loader (its planner, set in __init__)
+            plan, mb = mb.plans[0], replace(mb, plans=None)  # the plan is copied on its own, once
         else:
             plan = self.model.plan(mb.data, mb.masks, mb.patch_size, self.cfg.loss.mask_negatives_for_modalities)
         host_plan = plan

@@ -141,6 +141,8 @@ def test_loader_plans_are_the_models(dataset, tmp_path):
             assert torch.equal(a1.keep, a2.keep) and torch.equal(m1.keep, m2.keep)
             drawn += int((~a1.keep).sum() + (~m1.keep).sum())
     assert drawn > 0  # some branches dropped: the draws were compared
+    (dev_mb, dev_plan), host_plan = tr._stage(mbs[0])
+    assert host_plan is mbs[0].plans[0] and dev_mb.plans is None  # the plan is copied once, on its own
     with pytest.raises(ValueError, match="holds 2 microbatch plans, not one per microbatch of 1"):
         batch.microbatches(1)
 
