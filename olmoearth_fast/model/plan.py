@@ -8,6 +8,9 @@ non-blocking). The device step then never reads a size back: on CUDA each such r
 (`.item()`, `nonzero`, a `varlen_index` whose output length is data-dependent) is a host sync
 that stalls the launch queue, and a pageable host-to-device copy is one too.
 
+The loader makes the plans of each batch with the batch (`BatchPlanner`, in its worker
+processes), so the thread that feeds the device only copies them.
+
 The model takes the plan's packings in place of packing on the device (`LatentMIM.forward`'s
 ``plan``); without a plan (evaluation, embedding export) it packs on the device as before, with
 the same result. The bandset-merge experiments (9, 10, 12) pack their merged tokens on the
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from olmoearth_fast.modalities import MODALITIES, MaskValue
+from olmoearth_fast.modalities import MODALITIES, MaskValue, TokenizationConfig
 from olmoearth_fast.model.attention import Segments
 from olmoearth_fast.model.layout import TokenLayout
 from olmoearth_fast.ops.packing import varlen_index
@@ -51,8 +54,8 @@ class EmbedRows:
 
         Each position's segment and bandset give it a key (the parts' order); one stable sort
         by key is ``order``'s inverse and cuts the positions into the parts, so the work is a
-        few passes over ``index`` whatever the number of (modality, bandset) parts
-        (`build_ref` makes one pass per part: 2 ms of host time a microbatch at base, B=32).
+        few passes over ``index`` whatever the number of (modality, bandset) parts (`build_ref`
+        makes one pass per part).
         """
         n_tok = layout.seqlen
         vb, n = index // n_tok, index % n_tok
@@ -165,7 +168,8 @@ class BranchDrop:
     @classmethod
     def from_keep(cls, seg: Segments, keep: Tensor, rate: float) -> BranchDrop:
         """From a host draw ``keep [B]`` (bool) over host segments ``seg``. Small arrays (B
-        entries) in numpy: ~24 of these a microbatch, on the host, while the device waits."""
+        entries) in numpy, where a torch op costs more than its work: 2 × depth of these a
+        microbatch."""
         kept = keep.numpy()
         if kept.all() or not kept.any():
             return cls(keep, rate)
@@ -300,7 +304,7 @@ class BatchPlanner:
     `LatentMIM.batch_planner` makes one from a model's settings.
     """
 
-    tokenization: object  # TokenizationConfig
+    tokenization: TokenizationConfig
     modalities: tuple[str, ...]
     merge_bandsets: bool
     mask_negatives_for: tuple[str, ...] | None
