@@ -1,4 +1,5 @@
-"""The ranks of `bench_grad_sync.py` (run under torchrun, gloo): exp14 steps of two trainers,
+"""The ranks of `bench_grad_sync.py` (run under torchrun; NCCL with a GPU per rank, gloo on the
+CPU otherwise): exp14 steps of two trainers,
 one averaging the gradients in buckets during the backward, one with a single all-reduce after
 it, timed in turn on the same rank batch (each rank its own); rank 0 writes the step times as
 JSON.
@@ -38,7 +39,13 @@ def _timed(fn, into: list):
 
 def main(size: str, rank_batch: int, rounds: int, dataset: str, out: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo")
+    if torch.cuda.device_count() >= world:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
     trainers, batch = {}, None
     for name, mb in PROVIDERS.items():
         cfg = apply_overrides(experiments.get("exp14"), [
@@ -48,8 +55,8 @@ def main(size: str, rank_batch: int, rounds: int, dataset: str, out: str) -> Non
             f"trainer.grad_bucket_mb={mb}"])
         loader = build_loader(cfg, rank, world, f"{out}.ckpt")
         torch.manual_seed(0)
-        trainers[name] = Trainer(cfg, loader, build_model(cfg, torch.device("cpu")), torch.device("cpu"),
-                                 f"{out}.ckpt", rank, world, log=lambda *a: None)
+        trainers[name] = Trainer(cfg, loader, build_model(cfg, device), device, f"{out}.ckpt", rank, world,
+                                 log=lambda *a: None)
         batch = batch or loader.make_batch(1, 0)
     # the time each step spends averaging gradients after its backward: what is left exposed
     exposed = {name: [] for name in PROVIDERS}
@@ -63,16 +70,17 @@ def main(size: str, rank_batch: int, rounds: int, dataset: str, out: str) -> Non
             dist.barrier()
             exposed[name].append(0.0)
             t0 = time.perf_counter()
-            trainers[name].train_step(batch)
-            dt = torch.tensor([time.perf_counter() - t0])
+            trainers[name].train_step(batch)  # ends with a host read: the device is done
+            dt = torch.tensor([time.perf_counter() - t0], device=device)
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the step ends when the slower rank's does
             # the rank whose backward ends last waits for no other: its time is the communication
             # itself (the other rank's includes the wait for it)
-            e = torch.tensor([exposed[name].pop()])
+            e = torch.tensor([exposed[name].pop()], device=device)
             dist.all_reduce(e, op=dist.ReduceOp.MIN)
             if r >= WARMUP:
                 times[name].append(float(dt))
-                exposed[name].append(float(e))
+                if device.type == "cpu":  # on NCCL the host does not wait in these calls
+                    exposed[name].append(float(e))
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"times": times, "exposed": exposed, "buckets": len(reducer),
