@@ -180,10 +180,10 @@ class Trainer:
     def train_step(self, batch: MaskedViews) -> tuple[StepStats, float]:
         """One optimizer step on a rank batch. Two host syncs in all: the microbatches'
         statistics and finiteness are read once after their backward passes, the gradient norm
-        once after clipping (per-microbatch reads would stall the device's launch queue). Each
-        microbatch is planned and copied just before its forward, so that from the second on
-        the host's share (7.7 ms a base microbatch of 32, `benchmarks/bench_plan.py`) runs while
-        the device computes the one before; only the first one's is exposed.
+        once after clipping (per-microbatch reads would stall the device's launch queue). The
+        loader's batches bring their microbatch plans (made in its workers); each microbatch is
+        copied (and, in a batch without plans, planned) just before its forward, so that from
+        the second on this host work runs while the device computes the one before.
 
         A non-finite microbatch loss ends the accumulation there, as in the reference (its
         `break` precedes that microbatch's backward): the step is replayed from its saved RNG
@@ -196,7 +196,7 @@ class Trainer:
         n = len(mbs)
         staged, plans, rngs, stats = [], [], [], []
         for i, mb in enumerate(mbs):
-            # microbatch i is planned on the host while the device still runs microbatch i-1
+            # microbatch i is staged on the host while the device still runs microbatch i-1
             dev, plan = self._stage(mb)
             staged.append(dev)
             plans.append(plan)
