@@ -41,6 +41,8 @@ import sys
 import pytest
 import torch
 
+from olmoearth_fast.ops import cpu_model
+
 # the benchmarks share helpers that live beside them (reference_step.py); pytest runs with
 # --import-mode=importlib, which does not put this folder on sys.path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +81,8 @@ def _provenance() -> dict:
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    device = torch.cuda.get_device_name() if ON_GPU else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device = (torch.cuda.get_device_name() if ON_GPU
+              else f"cpu ({cpu_model()[1]}, {platform.machine()}, {torch.get_num_threads()} threads)")
     return {"device": device, "torch": torch.__version__, "triton": triton_version,
             "git_sha": _git_sha(), "date": datetime.date.today().isoformat()}
 

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from olmoearth_fast.modalities import MODALITIES, MaskValue, TokenizationConfig, as_tokenization
 from olmoearth_fast.model.layout import TokenLayout
-from olmoearth_fast.ops.linear import linear
+from olmoearth_fast.ops.linear import onednn_matmul
 from olmoearth_fast.ops.patch_embed import embeds_only_rows
 
 ONLINE, DECODER = int(MaskValue.ONLINE_ENCODER), int(MaskValue.DECODER)
@@ -260,11 +260,11 @@ _WARM: set[tuple[int, int]] = set()  # (threads, n) already timed once in this p
 def _time_matmul(threads: int, n: int, reps: int) -> float:
     """fp32 FLOP/s of an ``n``² matmul at ``threads``: the best of ``reps`` timings of each fp32
     GEMM the training step uses, taken over both: MKL's sgemm (``torch.mm``: the Linear
-    gradients of narrow layers, the reference's Linear layers) and oneDNN's inner product
-    (`ops.linear.linear`: the blocks' Linear layers on CPU; it is ``F.linear`` where that op is
-    not taken). On AMD CPUs MKL runs its AVX2 kernels, oneDNN AVX-512: there oneDNN's is ~15%
-    faster, and a peak probed with MKL alone would let the step's GEMMs pass 100% of it. The
-    first call per (threads, n) warms each GEMM up with an untimed call first."""
+    gradients of narrow layers, the reference's Linear layers, the blocks' Linear layers on Intel
+    CPUs) and oneDNN's inner product (`ops.linear.onednn_matmul`: the blocks' Linear layers on AMD
+    CPUs). On AMD CPUs MKL runs its AVX2 kernels, oneDNN AVX-512: there oneDNN's is ~15% faster,
+    and a peak probed with MKL alone would let the step's GEMMs pass 100% of it. The first call
+    per (threads, n) warms each GEMM up with an untimed call first."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -272,7 +272,7 @@ def _time_matmul(threads: int, n: int, reps: int) -> float:
         a, bm = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
         out = torch.empty(n, n)
         best = float("inf")
-        for matmul in (lambda: torch.mm(a, bm, out=out), lambda: linear(a, bm)):
+        for matmul in (lambda: torch.mm(a, bm, out=out), lambda: onednn_matmul(a, bm)):
             if (threads, n) not in _WARM:
                 matmul()
             for _ in range(reps):

@@ -1,6 +1,6 @@
 """Where the time of one exp14 training step goes: ours next to the reference's fastest config.
 
-    python scripts/profile_step.py --size tiny --batch 8 [--steps 2] [--device cpu|cuda]
+    python scripts/profile_step.py --size tiny --batch 8 [--steps 2] [--device cpu|cuda] [--top N]
 
 Runs the `benchmarks/bench_train_step.py` setup (same weights, same masked batches, exp14,
 p=4, hw_p=6 on CPU) under `torch.profiler` for ``--steps`` steps after a warm-up step and sorts
@@ -54,7 +54,7 @@ def categorise(name: str) -> str:
     return "other ops"
 
 
-def profile_steps(step, batches, steps: int, cuda: bool) -> tuple[dict[str, float], float]:
+def profile_steps(step, batches, steps: int, cuda: bool, top: int = 0) -> tuple[dict[str, float], float]:
     step(batches[0])
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     t0 = time.perf_counter()
@@ -65,11 +65,15 @@ def profile_steps(step, batches, steps: int, cuda: bool) -> tuple[dict[str, floa
             torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / steps
     out: dict[str, float] = {}
+    per_op: dict[str, float] = {}
     for e in prof.key_averages():
         if e.key.startswith("ProfilerStep") or e.key.startswith("autograd::") or e.key.startswith("Optimizer."):
             continue
         t = (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6 / steps
         out[categorise(e.key)] = out.get(categorise(e.key), 0.0) + t
+        per_op[e.key] = per_op.get(e.key, 0.0) + t
+    for name, t in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {t:8.4f} s  {100 * t / wall:4.1f}%  [{categorise(name)}] {name}")
     return out, wall
 
 
@@ -81,6 +85,7 @@ def main() -> None:
     ap.add_argument("--patch-size", type=int, default=4)
     ap.add_argument("--hw-p", type=int, default=6)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--top", type=int, default=0, help="also print the N operators of largest self time")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -102,8 +107,11 @@ def main() -> None:
         ref_model = reference_model(cfg, "best", device.type)
         copy_weights(ref_model, init)
         ref = ReferenceStep(ref_model, cfg, "best", device)
-        results = {"ours": profile_steps(trainer.train_step, batches, args.steps, cuda),
-                   "ref_best": profile_steps(ref, batches, args.steps, cuda)}
+        results = {}
+        for name, step in (("ours", trainer.train_step), ("ref_best", ref)):
+            if args.top:
+                print(f"{name}: the {args.top} operators of largest self time, seconds per step (share)")
+            results[name] = profile_steps(step, batches, args.steps, cuda, args.top)
     cats = [c for c, _ in CATEGORIES] + ["other ops", "Python / dispatch"]
     print(f"exp14 {args.size}, B={args.batch}, p={args.patch_size}, hw_p={args.hw_p}, {device}, "
           f"{torch.get_num_threads()} threads; seconds per step (share of the step)")

@@ -1,5 +1,5 @@
 """`ops.linear`: oneDNN's inner product forward and input gradient, MKL or oneDNN weight gradient, equal
-PyTorch's Linear."""
+PyTorch's Linear; which CPUs take that path (`backend`)."""
 
 import pytest
 import torch
@@ -26,6 +26,8 @@ def _value_and_grads(fn, x, w, b, grad):
 
 @pytest.fixture
 def count_calls(monkeypatch):
+    """The oneDNN path forced (``auto`` takes it on AMD CPUs only); the shapes of its inner products."""
+    monkeypatch.setenv(lin.CPU_LINEAR_ENV, "onednn")
     calls = []
     inner = lin._inner_product
 
@@ -74,7 +76,7 @@ def test_wide_layers_take_their_gradients_through_onednn(frozen, count_calls):
 
 
 @needs_kernel
-def test_strided_input_and_frozen_weight():
+def test_strided_input_and_frozen_weight(count_calls):
     x, w, b, grad = _inputs((64, 300), 96)
     xt = x.detach().t().contiguous().t().requires_grad_()  # same values, column-major storage
     wf = w.detach()  # a weight without gradient: only dx and db
@@ -86,7 +88,7 @@ def test_strided_input_and_frozen_weight():
 
 
 @needs_kernel
-def test_repeated_calls_are_bit_identical():
+def test_repeated_calls_are_bit_identical(count_calls):
     x, w, b, grad = _inputs((513, 192), 576)
     first = _value_and_grads(lin.linear, x, w, b, grad)
     second = _value_and_grads(lin.linear, x, w, b, grad)
@@ -105,7 +107,7 @@ def test_other_dtypes_forced_pytorch_and_autocast_take_pytorch_linear(monkeypatc
     assert count_calls == []
 
 
-def test_mismatched_shapes_name_the_problem():
+def test_mismatched_shapes_name_the_problem(count_calls):
     x, w, b, _ = _inputs((8, 32), 16)
     if not lin.uses_kernel(x):
         pytest.skip("the PyTorch path raises PyTorch's own error")
@@ -113,3 +115,41 @@ def test_mismatched_shapes_name_the_problem():
         lin.linear(x, w[:, :31], b)
     with pytest.raises(ValueError, match=r"bias \(15,\)"):
         lin.linear(x, w, b[:15])
+
+
+@pytest.mark.parametrize("vendor,capability,want", [
+    ("AuthenticAMD", "AVX512", "onednn"),  # MKL's sgemm takes its AVX2 path there
+    ("GenuineIntel", "AVX512", "mkl"),  # MKL runs AVX-512 itself, and measured faster in the step
+    ("AuthenticAMD", "AVX2", "mkl"),  # not measured: PyTorch's own Linear
+    ("", "DEFAULT", "mkl"),
+])
+def test_auto_picks_onednn_on_amd_cpus_with_avx512(monkeypatch, vendor, capability, want):
+    monkeypatch.delenv(lin.CPU_LINEAR_ENV, raising=False)
+    monkeypatch.setattr(lin, "cpu_model", lambda: (vendor, "some CPU"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    lin._auto_backend.cache_clear()
+    try:
+        assert lin.backend() == want
+        x = torch.ones(4, 8)
+        assert lin.uses_kernel(x) == (want == "onednn" and lin.kernel_available())
+        monkeypatch.setenv(lin.CPU_LINEAR_ENV, "MKL")  # forced either way, any case
+        assert lin.backend() == "mkl" and not lin.uses_kernel(x)
+        monkeypatch.setenv(lin.CPU_LINEAR_ENV, "onednn")
+        assert lin.backend() == "onednn"
+    finally:
+        lin._auto_backend.cache_clear()
+
+
+def test_mkl_backend_is_pytorch_linear(monkeypatch, count_calls):
+    monkeypatch.setenv(lin.CPU_LINEAR_ENV, "mkl")
+    x, w, b, grad = _inputs((40, 24), 12)
+    out, grads = _value_and_grads(lin.linear, x, w, b, grad)
+    ref, ref_grads = _value_and_grads(F.linear, x, w, b, grad)
+    assert torch.equal(out, ref) and all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+    assert count_calls == []
+
+
+def test_a_bad_backend_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv(lin.CPU_LINEAR_ENV, "blas")
+    with pytest.raises(ValueError, match=r"OLMOEARTH_FAST_CPU_LINEAR='blas': expected one of auto, onednn, mkl"):
+        lin.linear(torch.ones(2, 3), torch.ones(4, 3))

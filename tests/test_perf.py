@@ -278,12 +278,12 @@ def test_measuring_the_peak_leaves_the_global_rng_alone():
 
 
 def test_cpu_peak_is_the_faster_of_the_two_gemms(monkeypatch):
-    """Both fp32 GEMMs of the step are timed (MKL's `torch.mm`, `ops.linear`'s oneDNN inner
-    product) and the faster sets the peak."""
+    """Both fp32 GEMMs a step may use are timed (MKL's `torch.mm`, oneDNN's inner product,
+    `ops.linear.onednn_matmul`) and the faster sets the peak."""
     n = 256
     calls = []
-    monkeypatch.setattr(perf, "linear", lambda a, b: calls.append(b.shape))  # a "GEMM" that takes no time
+    monkeypatch.setattr(perf, "onednn_matmul", lambda a, b: calls.append(b.shape))  # a "GEMM" that takes no time
     assert perf.measure_cpu_peak(1, n=n, reps=2, fresh=True) > 1e13
     assert calls[-2:] == [(n, n)] * 2  # both timed calls (after an untimed first one, the first time)
-    monkeypatch.setattr(perf, "linear", lambda a, b: time.sleep(0.05))  # one slower than any sgemm
+    monkeypatch.setattr(perf, "onednn_matmul", lambda a, b: time.sleep(0.05))  # one slower than any sgemm
     assert perf.measure_cpu_peak(1, n=n, reps=2, fresh=True) > 10 * 2 * n ** 3 / 0.05  # torch.mm's time counted

@@ -15,9 +15,10 @@ sample ends. Backends, picked per call:
 Never the (Σ len)² of one block-diagonal mask over the whole batch.
 
 Block = pre-norm attention (separate q/k/v Linear with bias) + GELU MLP, each branch with
-per-sample DropPath (one Bernoulli per sample and branch, same rate in every block). On CPU (fp32)
-the Linear layers' forward is oneDNN's inner product (`ops.linear`) and the MLP adds fc1's bias
-inside the GELU pass (`ops.bias_gelu`, C++); elsewhere PyTorch's Linear → GELU.
+per-sample DropPath (one Bernoulli per sample and branch, same rate in every block). The Linear
+layers run `ops.linear` (on AMD CPUs in fp32 oneDNN's inner product, elsewhere PyTorch's Linear);
+on CPU (fp32) the MLP adds fc1's bias inside the GELU pass (`ops.bias_gelu`, C++); elsewhere
+PyTorch's Linear → GELU.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ modules.)
 """
 
 import contextlib
+import functools
 import os
+import platform
 
 import torch
 
@@ -37,6 +39,27 @@ def eager_cpu_fp32(x: torch.Tensor) -> bool:
     `ops.linear` apply (each adds whether its own kernel is available)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling() and forced_kernels() != "pytorch")
+
+
+@functools.cache
+def cpu_model() -> tuple[str, str]:
+    """This machine's CPU as ``(vendor, model name)``, e.g. ``("AuthenticAMD", "AMD EPYC 9R14")``
+    or ``("GenuineIntel", "Intel(R) Xeon(R) Processor")``, from ``/proc/cpuinfo`` (Linux);
+    elsewhere ``("", platform.processor())``. The vendor decides which CPU GEMM library runs
+    the AVX-512 kernels (`ops.linear`)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if not sep:
+                    if fields:
+                        break  # the first processor's block is enough
+                    continue
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields.get("vendor_id", ""), fields.get("model name", "") or platform.processor() or platform.machine()
 
 
 def no_autocast(device: torch.device):
