@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -180,7 +181,8 @@ class Trainer:
     def train_step(self, batch: MaskedViews) -> tuple[StepStats, float]:
         """One optimizer step on a rank batch. Two host syncs in all: the microbatches'
         statistics and finiteness are read once after their backward passes, the gradient norm
-        once after clipping (per-microbatch reads would stall the device's launch queue). The
+        once after clipping, without waiting for the optimizer's kernels (`read_later`;
+        per-microbatch reads would stall the device's launch queue). The
         loader's batches bring their microbatch plans (made in its workers); each microbatch is
         copied (and, in a batch without plans, planned) just before its forward, so that from
         the second on this host work runs while the device computes the one before.
@@ -231,6 +233,7 @@ class Trainer:
         elif self.world_size > 1:
             all_reduce_mean_ref(self.params, self.world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+        read_grad_norm = read_later(grad_norm)  # before the optimizer's launches, which it does not wait for
         lr = lr_at(self.step, self.cfg, self.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -245,7 +248,9 @@ class Trainer:
             total.infonce += row[4] / n
             for k, v in zip(mods, row[5:]):
                 total.per_modality[k] = total.per_modality.get(k, 0.0) + v / n
-        return total, float(grad_norm)  # host sync 2 of 2
+        # host sync 2 of 2: waits for the clipping, while the optimizer's kernels run on into the
+        # host's work between steps (logging, the next batch, its copies and first launches)
+        return total, read_grad_norm()
 
     def fit(self) -> list[dict]:
         cfg = self.cfg
@@ -432,6 +437,28 @@ def cuda_allocator_stats(device: torch.device) -> dict:
     return {"mem_gib": stats.get("allocated_bytes.all.peak", 0) / 2**30,
             "device_allocs": stats.get("num_device_alloc", 0),
             "alloc_retries": stats.get("num_alloc_retries", 0)}
+
+
+def read_later(t: Tensor) -> Callable[[], float]:
+    """A function that reads the scalar ``t`` as it is now, without waiting for kernels launched
+    after this call.
+
+    On CUDA ``t`` is copied into page-locked memory behind the kernels that compute it, and an
+    event is recorded behind the copy; the function waits for that event only. (``float(t)``
+    would wait for everything queued on the stream by then.) Elsewhere ``t`` is read now.
+    """
+    if t.device.type != "cuda":
+        value = float(t)
+        return lambda: value
+    host = torch.empty((), dtype=t.dtype, pin_memory=True)
+    host.copy_(t.detach(), non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> float:
+        copied.synchronize()
+        return float(host)
+    return read
 
 
 def _torch_rng_state() -> tuple:

@@ -317,8 +317,16 @@ def test_at_most_two_host_syncs_per_step(name, dataset, tmp_path, monkeypatch):
 def test_at_most_two_cuda_syncs_per_step(dataset, tmp_path):
     """The same bound on CUDA, counted by CUDA itself: torch's sync debug mode warns at every
     operation that makes the host wait for the device (a D2H copy, .item(), a stream sync), with
-    the Python line that caused it. Crops and masks change from step to step."""
+    the Python line that caused it; an event's wait (`trainer.read_later`), which it does not
+    see, is counted by patching. Crops and masks change from step to step."""
     import warnings
+
+    event_waits = []
+    original_wait = torch.cuda.Event.synchronize
+
+    def counted_wait(self):
+        event_waits.append("torch.cuda.Event.synchronize")
+        return original_wait(self)
 
     # 2 microbatches per step
     tr = _trainer(_cfg("exp14", tmp_path, dataset), tmp_path, torch.device("cuda"))
@@ -328,15 +336,42 @@ def test_at_most_two_cuda_syncs_per_step(dataset, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
+        torch.cuda.Event.synchronize = counted_wait
         try:
             for b in batches[1:]:
                 tr.train_step(b)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
+            torch.cuda.Event.synchronize = original_wait
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)] + event_waits
     steps = len(batches) - 1
     assert len(syncs) <= 2 * steps, "\n".join(syncs)
     assert len(syncs) >= steps  # the statistics are read once per step: the counter sees it
+    assert len(event_waits) == steps  # the gradient norm, once a step
+
+
+def test_read_later_reads_the_value_on_cpu():
+    t = torch.tensor(2.5)
+    read = trainer_mod.read_later(t)
+    t.add_(1.0)  # the value as it was at the call, as on CUDA
+    assert read() == 2.5
+
+
+@pytest.mark.gpu
+def test_read_later_does_not_wait_for_kernels_launched_after_it():
+    """The gradient norm's read waits for the clipping, not for the optimizer's kernels behind it:
+    a second of matmuls launched after `read_later` are still running when it returns."""
+    t = torch.full((), 7.0, device="cuda")
+    a = torch.randn(8192, 8192, device="cuda")
+    torch.cuda.synchronize()
+    read = trainer_mod.read_later(t * 2)
+    t.fill_(-1.0)
+    for _ in range(30):  # ~33 TFLOP of fp32: far more than the read takes
+        a = a @ a / 8192 ** 0.5
+    assert read() == 14.0
+    busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert busy
 
 
 # --------------------------------------------------------------------------------------------
