@@ -453,7 +453,7 @@ def read_later(t: Tensor) -> Callable[[], float]:
     host = torch.empty((), dtype=t.dtype, pin_memory=True)
     host.copy_(t.detach(), non_blocking=True)
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(t.device))  # the stream of t's device, which the copy joined
 
     def read() -> float:
         copied.synchronize()
