@@ -10,6 +10,7 @@ import torch
 
 from olmoearth_fast import experiments
 from olmoearth_fast import trainer as trainer_mod
+from olmoearth_fast.ops import linear as linear_op
 from olmoearth_fast.config import apply_overrides
 from olmoearth_fast.data.demo import ensure_demo_dataset
 from olmoearth_fast.trainer import Trainer, build_loader, build_model
@@ -437,6 +438,28 @@ def test_compiled_step_equals_eager_and_resume_is_exact(dataset, tmp_path):
     assert [h["loss"] for h in resumed] == [h["loss"] for h in straight]
     for k, v in comp.model.state_dict().items():
         assert torch.equal(v, second.model.state_dict()[k]), k
+
+
+@pytest.mark.skipif(not linear_op.kernel_available(), reason="PyTorch built without oneDNN's CPU inner product")
+def test_step_on_either_linear_library_is_the_same(dataset, tmp_path, monkeypatch):
+    """A training step with the Linear layers on oneDNN (AMD CPUs' default) and on MKL (the
+    others'): same loss, gradient norm and parameters after the step, to fp32 rounding, so both
+    paths are exercised in the whole step whatever CPU runs the tests."""
+    inner_product, calls = linear_op._inner_product, []
+    monkeypatch.setattr(linear_op, "_inner_product", lambda *a: calls.append(1) or inner_product(*a))
+    results = []
+    for library in ("onednn", "mkl"):
+        monkeypatch.setenv("OLMOEARTH_FAST_CPU_LINEAR", library)
+        tr = _trainer(_cfg("exp14", tmp_path / library, dataset), tmp_path / library)
+        torch.manual_seed(1)  # the same band dropout draws
+        calls.clear()
+        stats, grad_norm = tr.train_step(tr.loader.make_batch(1, 0))
+        assert (len(calls) > 0) == (library == "onednn")  # the library asked for ran the Linear layers
+        results.append((stats.loss, grad_norm, tr.model.state_dict()))
+    (loss_a, norm_a, params_a), (loss_b, norm_b, params_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and norm_a == pytest.approx(norm_b, rel=1e-4)
+    for k, v in params_a.items():
+        torch.testing.assert_close(v, params_b[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_cpu_trainer_keeps_freed_memory_unless_told_not_to(dataset, tmp_path, monkeypatch):
