@@ -42,6 +42,7 @@ import pytest
 import torch
 
 from olmoearth_fast.ops import cpu_model
+from olmoearth_fast.ops.linear import backend as linear_backend
 
 # the benchmarks share helpers that live beside them (reference_step.py); pytest runs with
 # --import-mode=importlib, which does not put this folder on sys.path
@@ -82,7 +83,8 @@ def _provenance() -> dict:
     except Exception:
         triton_version = None
     device = (torch.cuda.get_device_name() if ON_GPU
-              else f"cpu ({cpu_model()[1]}, {platform.machine()}, {torch.get_num_threads()} threads)")
+              else f"cpu ({cpu_model()[1]}, {platform.machine()}, {torch.get_num_threads()} threads, "
+                   f"Linear layers on {linear_backend()})")
     return {"device": device, "torch": torch.__version__, "triton": triton_version,
             "git_sha": _git_sha(), "date": datetime.date.today().isoformat()}
 
