@@ -94,6 +94,19 @@ def test_rehearsal_runs_every_stage_within_its_budget(tmp_path):
     assert len(files) <= 8 and not any(f.endswith(".tmp") for f in files), files  # the device returns 8
 
 
+def test_profile_stage_writes_where_the_step_time_goes(tmp_path):
+    """`run.sh profile` (a second call's stage, not in `all`): scripts/profile_step.py's table,
+    ours beside ref_best, in $OUT/profile.md and the log (on CPU: a nano step)."""
+    out, budget = tmp_path / "out", 90
+    proc, wall = _run(["profile", "--rehearse", "--budget", str(budget)], out, budget + 30)
+    log = (out / "run.log").read_text()
+    assert proc.returncode == 0 and wall <= budget + SLACK_S, log[-3000:]
+    assert [s["stage"] for s in _summary(out)["stages"]] == ["setup", "profile"]
+    table = (out / "profile.md").read_text()
+    assert "| **step (profiled)** |" in table and "ours: the 5 operators of largest self time" in table, table
+    assert table.splitlines()[-1] in log
+
+
 def test_watchdog_stops_a_command_outside_the_limits(tmp_path):
     """An unbounded command (a rehearsal hook sleeps 60 s in setup) cannot make the run overrun:
     the watchdog stops it at budget - margin, the later stages are skipped, the summary is

@@ -13,6 +13,9 @@
 #            is rewritten as each case ends
 #   curves   eager vs compiled (trainer.compile=true) loss curves of ours on the same batches
 #            (scripts/compare_loss_curves.py --compare compiled), stopped by the time left
+#   profile  (not in `all`: a second call's) where a step's device time goes, ours beside
+#            ref_best (scripts/profile_step.py: exp14 base_shallow_decoder, microbatch 32, p=4,
+#            hw_p=8, the 25 largest kernels of each), into $OUT/profile.md
 #   plan     print the stage plan for the budget (caps, minimum, reserve) and exit
 #
 # Any list of stages runs in the order given (setup is always first). Budget: the run never
@@ -27,13 +30,14 @@
 # Out ($OUT, default ./runs/device_out; at most 8 files come back from the device): run.log
 # (everything, as it goes), summary.json (plan and each stage's status, rewritten after every
 # stage), junit.xml (test stage), bench.json (benchmarks/last_run.json after every case),
-# curves.json (rewritten by the curves script after every window).
+# curves.json (rewritten by the curves script after every window), profile.md (profile stage).
 #
 # Knobs (environment): PYTHON (.venv/bin/python if present, else python3), WHEELS (.whl), SITE
 # (/tmp/site), MAX_JOBS (16), STAGE_CAPS ("bench=200,curves=90": seconds per stage),
 # RUN_BUDGET_S (default of --budget), TEST_ARGS, TEST_WORKERS (pytest-xdist -n for the kernel
 # tests), BENCH_K (the -k expression), BENCH_SIZES, BENCH_ROUNDS, CURVES_STEPS (100),
-# CURVES_SIZE (nano), CURVES_ARGS. See scripts/device/README.md.
+# CURVES_SIZE (nano), CURVES_ARGS, PROFILE_SIZE (base_shallow_decoder), PROFILE_BATCH (32).
+# See scripts/device/README.md.
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -60,9 +64,9 @@ while (($#)); do
         --rehearse) REHEARSE=1 ;;
         all) STAGES+=(test bench curves) ;;
         setup) ;;
-        test | bench | curves) STAGES+=("$1") ;;
+        test | bench | curves | profile) STAGES+=("$1") ;;
         plan) PLAN_ONLY=1 ;;
-        *) echo "run.sh: unknown argument '$1' (all, setup, test, bench, curves, plan, --budget S, --rehearse)"
+        *) echo "run.sh: unknown argument '$1' (all, setup, test, bench, curves, profile, plan, --budget S, --rehearse)"
            exit 2 ;;
     esac
     shift
@@ -78,15 +82,17 @@ done
 # (nano compiles in ~1 min, then ~0.1 s a step). MARGIN: the end (summary, file list).
 declare -A CAP MIN
 if ((REHEARSE)); then
-    CAP=([setup]=40 [test]=40 [bench]=40 [curves]=30); MIN=([setup]=5 [test]=5 [bench]=5 [curves]=5)
+    CAP=([setup]=40 [test]=40 [bench]=40 [curves]=30 [profile]=60)
+    MIN=([setup]=5 [test]=5 [bench]=5 [curves]=5 [profile]=5)
     MARGIN=5
 else
-    CAP=([setup]=210 [test]=150 [bench]=150 [curves]=540); MIN=([setup]=60 [test]=40 [bench]=60 [curves]=60)
+    CAP=([setup]=210 [test]=150 [bench]=150 [curves]=540 [profile]=150)
+    MIN=([setup]=60 [test]=40 [bench]=60 [curves]=60 [profile]=60)
     MARGIN=15
 fi
 IFS=',' read -ra _caps <<< "${STAGE_CAPS:-}"
 for kv in "${_caps[@]}"; do
-    [[ "$kv" =~ ^(setup|test|bench|curves)=([0-9]+)$ ]] || { echo "run.sh: bad STAGE_CAPS entry '$kv'"; exit 2; }
+    [[ "$kv" =~ ^(setup|test|bench|curves|profile)=([0-9]+)$ ]] || { echo "run.sh: bad STAGE_CAPS entry '$kv'"; exit 2; }
     CAP[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
     ((MIN[${BASH_REMATCH[1]}] > BASH_REMATCH[2])) && MIN[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
 done
@@ -410,6 +416,21 @@ stage_curves() {
     bounded "$PY" scripts/compare_loss_curves.py --compare compiled --size "${CURVES_SIZE:-nano}" \
         --steps "${CURVES_STEPS:-100}" --device "$device" --time-limit "$limit" --out "$OUT/curves.json" \
         ${CURVES_ARGS:-}
+}
+
+# ---------------------------------------------------------------------------------- profile
+# Where a step's device time goes (per-kernel device time, sorted into matmul, attention,
+# elementwise, data movement, optimizer; the rest of the wall time is the device waiting for
+# the host), ours beside ref_best; on CPU (rehearsal) a nano step.
+stage_profile() {
+    local rc args=(--device cuda --size "${PROFILE_SIZE:-base_shallow_decoder}" --batch "${PROFILE_BATCH:-32}" --hw-p 8
+                   --top 25)
+    ((HAS_CUDA)) || args=(--device cpu --size nano --batch 2 --hw-p 2 --steps 1 --top 5)
+    bounded "$PY" scripts/profile_step.py "${args[@]}" > "$WORK/profile.md"
+    rc=$?
+    cat "$WORK/profile.md"
+    cp "$WORK/profile.md" "$OUT/profile.md"
+    return $rc
 }
 
 # -------------------------------------------------------------------------------------- main
