@@ -107,11 +107,17 @@ def main() -> None:
         ref_model = reference_model(cfg, "best", device.type)
         copy_weights(ref_model, init)
         ref = ReferenceStep(ref_model, cfg, "best", device)
+        # ours on the same batches with the microbatch plans its loader now makes (in training,
+        # in the loader's workers), as benchmarks/bench_train_step.py times it; on a GPU every
+        # provider's batches page-locked, as a pin_memory DataLoader hands them over
+        planned = [loader.make_batch(1, i) for i in range(2)]
+        if cuda:
+            batches, planned = [b.pin_memory() for b in batches], [b.pin_memory() for b in planned]
         results = {}
-        for name, step in (("ours", trainer.train_step), ("ref_best", ref)):
+        for name, step, inputs in (("ours", trainer.train_step, planned), ("ref_best", ref, batches)):
             if args.top:
                 print(f"{name}: the {args.top} operators of largest self time, seconds per step (share)")
-            results[name] = profile_steps(step, batches, args.steps, cuda, args.top)
+            results[name] = profile_steps(step, inputs, args.steps, cuda, args.top)
     cats = [c for c, _ in CATEGORIES] + ["other ops", "Python / dispatch"]
     print(f"exp14 {args.size}, B={args.batch}, p={args.patch_size}, hw_p={args.hw_p}, {device}, "
           f"{torch.get_num_threads()} threads; seconds per step (share of the step)")
