@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -41,8 +40,7 @@ import sys
 import pytest
 import torch
 
-from olmoearth_fast.ops import cpu_model
-from olmoearth_fast.ops.linear import backend as linear_backend
+from olmoearth_fast.perf import describe_device
 
 # the benchmarks share helpers that live beside them (reference_step.py); pytest runs with
 # --import-mode=importlib, which does not put this folder on sys.path
@@ -82,9 +80,7 @@ def _provenance() -> dict:
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    device = (torch.cuda.get_device_name() if ON_GPU
-              else f"cpu ({cpu_model()[1]}, {platform.machine()}, {torch.get_num_threads()} threads, "
-                   f"Linear layers on {linear_backend()})")
+    device = torch.cuda.get_device_name() if ON_GPU else describe_device("cpu")
     return {"device": device, "torch": torch.__version__, "triton": triton_version,
             "git_sha": _git_sha(), "date": datetime.date.today().isoformat()}
 

@@ -39,6 +39,8 @@ from torch import Tensor
 
 from olmoearth_fast.modalities import MODALITIES, MaskValue, TokenizationConfig, as_tokenization
 from olmoearth_fast.model.layout import TokenLayout
+from olmoearth_fast.ops import cpu_model
+from olmoearth_fast.ops.linear import backend as linear_backend
 from olmoearth_fast.ops.linear import onednn_matmul
 from olmoearth_fast.ops.patch_embed import embeds_only_rows
 
@@ -306,6 +308,19 @@ def gpu_spec(name: str) -> tuple[float, float] | None:
         if key in name.upper():
             return spec
     return None
+
+
+def describe_device(device: torch.device | str) -> str:
+    """The device in the run's first line and the benchmarks' header: the GPU's name, or the
+    CPU's model, thread count and the library that runs the Linear layers (`ops.linear.backend`):
+    the fraction of the peak depends on them."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type != "cpu":
+        return str(device)
+    library = {"onednn": "oneDNN", "mkl": "MKL"}[linear_backend()]
+    return f"cpu ({cpu_model()[1]}, {torch.get_num_threads()} threads, Linear layers on {library})"
 
 
 def peak_flops(device: torch.device | str) -> tuple[float, str]:

@@ -21,11 +21,9 @@ import torch
 import torch.distributed as dist
 
 from olmoearth_fast import checkpoint as ckpt
-from olmoearth_fast import experiments
+from olmoearth_fast import experiments, perf
 from olmoearth_fast.config import dumps
 from olmoearth_fast.errors import UserError, UserFileExistsError, UserValueError
-from olmoearth_fast.ops import cpu_model
-from olmoearth_fast.ops.linear import backend as linear_backend
 from olmoearth_fast.trainer import Trainer, build_loader, build_model, loader_core_contention, plot_history
 
 
@@ -49,18 +47,6 @@ def parse(argv=None):
     cfg = experiments.resolve(args.experiment, rest, demo_run=args.demo)
     cfg.checkpoint.resume = cfg.checkpoint.resume or args.resume
     return cfg, args
-
-
-def describe_device(device: torch.device) -> str:
-    """The device in the run's first line: the GPU's name, or the CPU's model, thread count and
-    the library that runs the Linear layers (`ops.linear.backend`: the step line's fraction of
-    the peak depends on them)."""
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    if device.type != "cpu":
-        return str(device)
-    library = {"onednn": "oneDNN", "mkl": "MKL"}[linear_backend()]
-    return f"cpu ({cpu_model()[1]}, {torch.get_num_threads()} threads, Linear layers on {library})"
 
 
 def run(cfg, args, rank: int, world_size: int) -> None:
@@ -101,7 +87,7 @@ def run(cfg, args, rank: int, world_size: int) -> None:
         log(f"--resume: no checkpoint in {run_dir} yet; starting at step 0")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{cfg.name}: {cfg.model.size} ({n_params / 1e6:.2f}M trainable), {len(loader.dataset)} samples, "
-        f"global batch {cfg.data.global_batch_size} on {world_size} rank(s), {describe_device(device)}, "
+        f"global batch {cfg.data.global_batch_size} on {world_size} rank(s), {perf.describe_device(device)}, "
         f"{trainer.max_steps} steps")
     try:
         history = trainer.fit()

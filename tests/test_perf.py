@@ -287,3 +287,14 @@ def test_cpu_peak_is_the_faster_of_the_two_gemms(monkeypatch):
     assert calls[-2:] == [(n, n)] * 2  # both timed calls (after an untimed first one, the first time)
     monkeypatch.setattr(perf, "onednn_matmul", lambda a, b: time.sleep(0.05))  # one slower than any sgemm
     assert perf.measure_cpu_peak(1, n=n, reps=2, fresh=True) > 10 * 2 * n ** 3 / 0.05  # torch.mm's time counted
+
+
+def test_the_device_line_names_the_cpu_and_its_linear_library(monkeypatch):
+    from olmoearth_fast.ops import cpu_model
+
+    line = perf.describe_device(torch.device("cpu"))
+    assert line.startswith(f"cpu ({cpu_model()[1]}, {torch.get_num_threads()} threads, Linear layers on ")
+    monkeypatch.setenv("OLMOEARTH_FAST_CPU_LINEAR", "onednn")
+    assert perf.describe_device(torch.device("cpu")).endswith("Linear layers on oneDNN)")
+    monkeypatch.setenv("OLMOEARTH_FAST_CPU_LINEAR", "mkl")
+    assert perf.describe_device(torch.device("cpu")).endswith("Linear layers on MKL)")

@@ -137,18 +137,6 @@ def test_loader_core_contention_note(monkeypatch):
     assert "(4 rank(s) here) share 16 CPU cores" in loader_core_contention(4, cpu)
 
 
-def test_the_first_line_names_the_cpu_and_its_linear_library(monkeypatch):
-    from olmoearth_fast.ops import cpu_model
-    from olmoearth_fast.train import describe_device
-
-    line = describe_device(torch.device("cpu"))
-    assert line.startswith(f"cpu ({cpu_model()[1]}, {torch.get_num_threads()} threads, Linear layers on ")
-    monkeypatch.setenv("OLMOEARTH_FAST_CPU_LINEAR", "onednn")
-    assert describe_device(torch.device("cpu")).endswith("Linear layers on oneDNN)")
-    monkeypatch.setenv("OLMOEARTH_FAST_CPU_LINEAR", "mkl")
-    assert describe_device(torch.device("cpu")).endswith("Linear layers on MKL)")
-
-
 def test_lr_schedule():
     cfg = experiments.get("exp14")
     assert lr_at(0, cfg, 100000) == 0.0
