@@ -1,5 +1,6 @@
 """End-to-end training on the demo data: every experiment, exact resume, DDP, atomic saves."""
 
+import math
 import os
 import signal
 import subprocess
@@ -353,6 +354,49 @@ def test_train_step_through_triton_kernels(name, dataset, tmp_path, monkeypatch)
     assert fused_norm == pytest.approx(ref_norm, rel=1e-4)
     for k in ref_w:  # one AdamW step from the same init: the updates agree
         torch.testing.assert_close(fused_w[k], ref_w[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("kernels", ["pytorch", "triton"])
+@pytest.mark.parametrize("name", ["exp14", "exp10"])
+def test_train_step_under_bf16_autocast(name, kernels, dataset, tmp_path, monkeypatch):
+    """The GPU recipe's precision (bf16 autocast, the loss in fp32) through a whole training step,
+    here on CPU autocast: the dtypes that meet in packing, DropPath's residual adds, the
+    mid-encoder bandset merge (exp10), the loss and the optimizer, through the PyTorch paths and
+    the Triton kernels (interpreted here). The step's loss and gradient norm stay within bf16's
+    rounding of the fp32 step's, parameters and gradients stay fp32, and the gradient points the
+    same way."""
+    if kernels == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels need TRITON_INTERPRET=1 on CPU")
+    monkeypatch.setenv("OLMOEARTH_FAST_KERNELS", kernels)
+    cfg = _cfg(name, tmp_path / "run", dataset, "data.global_batch_size=2", "data.rank_microbatch_size=2",
+               "data.patch_sizes=[2]", "data.hw_p_list=[3]")
+    loader = build_loader(cfg, 0, 1, str(tmp_path / "run"))
+    batch = loader.make_batch(1, 0)
+    results = {}
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, torch.device("cpu"))
+        trainer = Trainer(cfg, loader, model, torch.device("cpu"), str(tmp_path / f"run{autocast}"),
+                          log=lambda *a: None)
+        trainer.autocast = autocast  # what trainer.precision=auto sets on CUDA (bf16 is refused on CPU)
+        linear_out = set()
+        hooks = [m.register_forward_hook(lambda m, i, o: linear_out.add(o.dtype))
+                 for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        torch.manual_seed(1)  # same band-dropout and DropPath draws for both
+        stats, grad_norm = trainer.train_step(batch)
+        for h in hooks:
+            h.remove()
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and {g.dtype for g in grads} == {torch.float32}
+        assert linear_out == ({torch.bfloat16} if autocast else {torch.float32})
+        results[autocast] = stats, grad_norm, torch.cat([g.flatten() for g in grads]).double()
+    (ref, ref_norm, ref_grad), (low, low_norm, low_grad) = results[False], results[True]
+    assert math.isfinite(low.loss) and low.loss == pytest.approx(ref.loss, rel=2e-3)
+    assert low.patch_disc == pytest.approx(ref.patch_disc, rel=2e-3)
+    assert low_norm == pytest.approx(ref_norm, rel=1e-2)
+    assert low_grad.shape == ref_grad.shape
+    assert torch.nn.functional.cosine_similarity(low_grad, ref_grad, dim=0) > 0.995
 
 
 def test_kernel_override_rejects_unknown_value(monkeypatch):
