@@ -356,20 +356,26 @@ def test_train_step_through_triton_kernels(name, dataset, tmp_path, monkeypatch)
         torch.testing.assert_close(fused_w[k], ref_w[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("kernels", ["pytorch", "triton"])
-@pytest.mark.parametrize("name", ["exp14", "exp10"])
-def test_train_step_under_bf16_autocast(name, kernels, dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name,kernels,compiled", [
+    ("exp14", "pytorch", False), ("exp14", "triton", False), ("exp14", "pytorch", True),
+    ("exp10", "pytorch", False), ("exp10", "triton", False)])
+def test_train_step_under_bf16_autocast(name, kernels, compiled, dataset, tmp_path, monkeypatch):
     """The GPU recipe's precision (bf16 autocast, the loss in fp32) through a whole training step,
     here on CPU autocast: the dtypes that meet in packing, DropPath's residual adds, the
-    mid-encoder bandset merge (exp10), the loss and the optimizer, through the PyTorch paths and
-    the Triton kernels (interpreted here). The step's loss and gradient norm stay within bf16's
+    mid-encoder bandset merge (exp10), the loss and the optimizer, through the PyTorch paths, the
+    Triton kernels (interpreted here) and compiled blocks (`trainer.compile`, as the GPU
+    benchmark's ``ours_compiled`` runs them). The step's loss and gradient norm stay within bf16's
     rounding of the fp32 step's, parameters and gradients stay fp32, and the gradient points the
     same way."""
     if kernels == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton kernels need TRITON_INTERPRET=1 on CPU")
     monkeypatch.setenv("OLMOEARTH_FAST_KERNELS", kernels)
+    if compiled:
+        import torch._dynamo as dynamo
+
+        dynamo.reset()
     cfg = _cfg(name, tmp_path / "run", dataset, "data.global_batch_size=2", "data.rank_microbatch_size=2",
-               "data.patch_sizes=[2]", "data.hw_p_list=[3]")
+               "data.patch_sizes=[2]", "data.hw_p_list=[3]", f"trainer.compile={compiled}")
     loader = build_loader(cfg, 0, 1, str(tmp_path / "run"))
     batch = loader.make_batch(1, 0)
     results = {}
