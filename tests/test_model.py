@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from olmoearth_fast.modalities import MODALITIES, MaskValue, tokenization_preset
 from olmoearth_fast.model.attention import Attention, Segments, drop_path
@@ -364,3 +365,49 @@ def test_padded_attention_backend_matches_segment_backend(lengths):
     ref = _padded_sdpa(q, kv, kv, seg, k_seg)
     rows = [i for i in range(sum(lengths)) if not lengths[0] <= i < lengths[0] + lengths[1]]
     torch.testing.assert_close(out[rows], ref[rows])
+
+
+@pytest.mark.parametrize("preset,dim", [("single_bandset", 32), ("default", 34)])
+def test_encodings_from_kept_tables_equal_built_ones(preset, dim):
+    """`CompositeEncodings.forward` (the layout's parameter-free tables made once and kept)
+    gives `forward_ref`'s values bit for bit, at a subset of positions and for all of them,
+    with spatial, multitemporal and time-only (ERA5) modalities, several bandsets, and a width
+    whose slots leave dims at zero (34 = 4·8 + 2); the channel tables' gradients agree; a second
+    call with the same layout makes no new table."""
+    from olmoearth_fast.model.encodings import CompositeEncodings, fixed_tables
+    from olmoearth_fast.model.layout import TokenLayout
+
+    tok = tokenization_preset(preset)
+    mods = (*MODS, "era5_10")
+    enc = CompositeEncodings(dim, {m: tok.num_bandsets(m) for m in mods})
+    with torch.no_grad():
+        for p in enc.per_modality_channel_embeddings.values():
+            p.normal_()
+    data, _, ts = _batch(tok, p=2, hw=3, t=3, b=2)
+    data["era5_10"] = torch.randn(2, 3, MODALITIES["era5_10"].num_bands)
+    layout = TokenLayout.build(data, 2, tok)
+    assert {s.modality for s in layout.segments} == set(mods)
+    positions = torch.randperm(2 * layout.seqlen)[:40]
+    fixed_tables.cache_clear()
+    for pos in (positions, None):
+        got, want = enc(layout, ts, 2, positions=pos), enc.forward_ref(layout, ts, 2, positions=pos)
+        assert got.shape == want.shape and torch.equal(got, want)
+        w, chans = torch.randn_like(want), list(enc.per_modality_channel_embeddings.values())
+        grads = [torch.autograd.grad((out * w).sum(), chans) for out in (got, want)]
+        for g, r in zip(*grads):
+            torch.testing.assert_close(g, r)
+    info = fixed_tables.cache_info()
+    assert info.misses == 1 and info.hits == 1
+
+    class Ops(TorchDispatchMode):  # operators that compute (on a GPU, each a kernel launch)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                computed.append(str(func))
+            return func(*args, **(kwargs or {}))
+    for fn in (enc, enc.forward_ref):
+        computed = []
+        with Ops():
+            fn(layout, ts, 2, positions=positions)
+        if fn is enc:
+            assert len(computed) <= 16, computed
+    assert len(computed) > 100  # what building the tables in every call costs (5 modalities)

@@ -10,14 +10,22 @@
 slowest frequency is ≈ 0.1 and the encodings are low-frequency. Everything except the channel
 tables is a fixed function, computed in fp32 on the fly for any (T, h, w, p).
 
-Encodings are evaluated only where needed: `encode(layout, ...)` returns them for the flat token
-positions of a `TokenLayout` (optionally at a subset of positions), never a full [B, N, D]
-tensor of zeros-plus-slices per modality as the reference does.
+Encodings are evaluated only where needed: `CompositeEncodings.forward` returns them at the flat
+token positions of a `TokenLayout` (or for all of them), never a full [B, N, D] tensor of
+zeros-plus-slices per modality as the reference does. The parameter-free part of a layout (time
+and spatial slots, and per token its channel-table row and time index) is made once per
+(layout, patch size, width, device) and kept (`fixed_tables`, a small LRU): a step's crops
+repeat it, and the encoder and decoder call the encodings three times a microbatch. Each call is
+then a handful of gathers and one concatenation instead of about 330 small ops (the sincos
+tables of every modality rebuilt), which on a GPU are as many kernel launches.
+`CompositeEncodings.forward_ref` builds everything per call, as before: the same values.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +56,41 @@ def spatial_2d(h: int, w: int, patch_size: int, dim: int, device=None) -> Tensor
     enc_col = sincos_1d(cols, dim // 2)  # [w, dim/2]
     enc_row = sincos_1d(rows, dim // 2)  # [h, dim/2]
     return torch.cat([enc_col[None, :, :].expand(h, w, -1), enc_row[:, None, :].expand(h, w, -1)], dim=-1)
+
+
+@dataclass(frozen=True)
+class FixedTables:
+    """The parameter-free part of a layout's encodings, one row per token of a sample (N rows)."""
+
+    time_space: Tensor  # [N, 2n] fp32: the time slot, then the spatial slot (zeros where absent)
+    channel_row: Tensor  # [N] long: the token's row in its layout's channel tables, concatenated
+    t_index: Tensor  # [N] long: the token's time index (0 for modalities without time)
+    temporal: Tensor  # [N] bool: whether the token's modality is multitemporal (gets a month)
+
+
+@functools.lru_cache(maxsize=16)
+def fixed_tables(segments: tuple, patch_size: int, n: int, device: torch.device) -> FixedTables:
+    """`FixedTables` of a layout's ``segments`` (`model.layout.Segment`s) at slot width ``n``,
+    computed by the ops `CompositeEncodings.modality_table` uses (the same values), and kept: at
+    most 16 layouts, each a few MB at the largest crops. Made outside autograd, autocast and
+    inference mode, so that a table first made in an eval pass serves training too."""
+    with torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False):
+        time_space, channel_row, t_index, temporal = [], [], [], []
+        first_row = 0
+        for seg in segments:
+            spec = MODALITIES[seg.modality]
+            grid = (seg.h, seg.w, seg.t, seg.bs)
+            ts = torch.zeros(*grid, 2 * n, dtype=torch.float32, device=device)
+            if spec.is_multitemporal:
+                ts[..., :n] = sincos_1d(torch.arange(seg.t, device=device), n)[None, None, :, None, :]
+            if spec.is_spatial:
+                ts[..., n:] = spatial_2d(seg.h, seg.w, patch_size, n, device)[:, :, None, None, :]
+            time_space.append(ts.reshape(-1, 2 * n))
+            channel_row.append((first_row + torch.arange(seg.bs, device=device)).expand(grid).reshape(-1))
+            t_index.append(torch.arange(seg.t, device=device)[:, None].expand(grid).reshape(-1))
+            temporal.append(torch.full((seg.numel,), spec.is_multitemporal, dtype=torch.bool, device=device))
+            first_row += seg.bs
+        return FixedTables(torch.cat(time_space), torch.cat(channel_row), torch.cat(t_index), torch.cat(temporal))
 
 
 class CompositeEncodings(nn.Module):
@@ -85,6 +128,23 @@ class CompositeEncodings(nn.Module):
 
         Returns ``[B, N, D]`` when ``positions`` is None, else ``[len(positions), D]`` (fp32).
         """
+        chans = [self.per_modality_channel_embeddings[seg.modality] for seg in layout.segments]
+        fixed = fixed_tables(layout.segments, patch_size, self.n, chans[0].device)
+        b, n_tok, n = timestamps.shape[0], layout.seqlen, self.n
+        flat = torch.arange(b * n_tok, device=chans[0].device) if positions is None else positions
+        sample, token = flat // n_tok, flat % n_tok
+        channel = torch.cat(chans).float().index_select(0, fixed.channel_row.index_select(0, token))
+        time_space = fixed.time_space.index_select(0, token)
+        month = self.month(timestamps)[sample, fixed.t_index.index_select(0, token)].float()
+        month = torch.where(fixed.temporal.index_select(0, token)[:, None], month, 0.0)
+        parts = [channel, time_space[:, :n], month, time_space[:, n:]]
+        if self.embedding_size > 4 * n:  # the slots leave the last D − 4n dims at zero
+            parts.append(time_space.new_zeros(len(flat), self.embedding_size - 4 * n))
+        out = torch.cat(parts, 1)
+        return out if positions is not None else out.view(b, n_tok, self.embedding_size)
+
+    def forward_ref(self, layout, timestamps: Tensor, patch_size: int, positions: Tensor | None = None) -> Tensor:
+        """`forward`, every table built in this call (`modality_table`)."""
         tables, months_flat = [], []
         month = self.month(timestamps)  # [B, T, n]
         b = timestamps.shape[0]
