@@ -8,7 +8,9 @@ every operator's self time into: matmul (Linear, conv, bmm and their backward), 
 (SDPA kernels, our segment-attention op), elementwise and norms, data movement and indexing
 (copies, cat, gather/scatter, fills), optimizer (the AdamW update), other ops; "Python /
 dispatch" is the step's wall time minus the operators' time (framework overhead between
-kernels). Prints one Markdown table.
+kernels). Prints one Markdown table, ending with the number of computing operators of one more
+step (views excluded; on a GPU each launches a kernel, so with small matmuls the host's
+dispatch of them can bound the step).
 On CUDA the device time of each kernel is used instead (self CUDA time).
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference_step import ReferenceStep, copy_weights, reference_model  # noqa: E402
@@ -77,6 +80,29 @@ def profile_steps(step, batches, steps: int, cuda: bool, top: int = 0) -> tuple[
     return out, wall
 
 
+class _CountOperators(TorchDispatchMode):
+    """Counts the operators that compute (views excluded) below autograd: on a GPU each is a
+    kernel launch, or more (Triton kernels launched outside torch.library are not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(step, batch) -> int:
+    """Computing operators of one step (run after the profiled ones: the mode slows it)."""
+    with _CountOperators() as mode:
+        step(batch)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return mode.count
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="tiny")
@@ -113,11 +139,12 @@ def main() -> None:
         planned = [loader.make_batch(1, i) for i in range(2)]
         if cuda:
             batches, planned = [b.pin_memory() for b in batches], [b.pin_memory() for b in planned]
-        results = {}
+        results, operators = {}, {}
         for name, step, inputs in (("ours", trainer.train_step, planned), ("ref_best", ref, batches)):
             if args.top:
                 print(f"{name}: the {args.top} operators of largest self time, seconds per step (share)")
             results[name] = profile_steps(step, inputs, args.steps, cuda, args.top)
+            operators[name] = count_operators(step, inputs[0])
     cats = [c for c, _ in CATEGORIES] + ["other ops", "Python / dispatch"]
     print(f"exp14 {args.size}, B={args.batch}, p={args.patch_size}, hw_p={args.hw_p}, {device}, "
           f"{torch.get_num_threads()} threads; seconds per step (share of the step)")
@@ -132,6 +159,8 @@ def main() -> None:
         print(f"| {c} | {cells[0]} | {cells[1]} |")
     o, r = results["ours"][1], results["ref_best"][1]
     print(f"| **step (profiled)** | **{o:.3f}** | **{r:.3f}** |")
+    print(f"| computing operators a step (each a kernel launch on a GPU) | {operators['ours']} | "
+          f"{operators['ref_best']} |")
     print(f"work: ours {work.ours_total / 1e9:.1f} GFLOP, ref_best {work.ref_total / 1e9:.1f} GFLOP; "
           f"matmul-class FLOP/s: ours {work.ours_total / max(results['ours'][0].get('matmul', 0) + results['ours'][0].get('attention', 0), 1e-9) / 1e9:.0f} GFLOP/s, "
           f"ref_best {work.ref_total / max(results['ref_best'][0].get('matmul', 0) + results['ref_best'][0].get('attention', 0), 1e-9) / 1e9:.0f} GFLOP/s")

@@ -104,6 +104,7 @@ def test_profile_stage_writes_where_the_step_time_goes(tmp_path):
     assert [s["stage"] for s in _summary(out)["stages"]] == ["setup", "profile"]
     table = (out / "profile.md").read_text()
     assert "| **step (profiled)** |" in table and "ours: the 5 operators of largest self time" in table, table
+    assert re.search(r"\| computing operators a step [^|]*\| \d+ \| \d+ \|", table), table
     assert table.splitlines()[-1] in log
 
 
