@@ -278,13 +278,15 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("name", ["exp14"])
-def test_at_most_two_host_syncs_per_step(name, dataset, tmp_path, monkeypatch):
+def test_at_most_two_host_syncs_per_step(name, autocast, dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("OLMOEARTH_FAST_KERNELS", "triton")
     # 2 microbatches per step; fused AdamW, the default (foreach AdamW reads its step counters on
     # CPU, where they are host tensors)
     cfg = _cfg(name, tmp_path, dataset, "data.patch_sizes=[2]", "data.hw_p_list=[2]")  # small: the interpreter
     tr = _trainer(cfg, tmp_path)
+    tr.autocast = autocast  # also the GPU recipe's bf16 autocast (CPU autocast here)
     batches = [tr.loader.make_batch(1, i) for i in range(2)]
     tr.train_step(batches.pop())  # warm-up: one-time argument checks of the ops
     counter = SyncCounter()
