@@ -244,11 +244,33 @@ def test_band_dropout_keep_matches_reference_distribution():
     assert bool((ref_keep.sum(1) >= 1).all()) and bool((ours.sum(1) >= 1).all())
 
 
+def test_band_dropout_keep_draws_are_independent_calls():
+    """``draws=V``: V multipliers in one call, each distributed as one call's: its own random
+    rate (the V rates independent, not one shared), at least one band per sample and draw."""
+    g = torch.Generator().manual_seed(6)
+    keeps = band_dropout_keep(400, 12, 0.5, random_rate=True, draws=300, generator=g)
+    assert keeps.shape == (300, 400, 12) and keeps.dtype == torch.float32
+    assert bool((keeps.sum(-1) >= 1).all())
+    fracs = 1 - keeps.mean((1, 2))  # per draw: its rate ~ U(0, 0.5), as test_band_dropout_keep_random_rate
+    assert abs(fracs.mean().item() - 0.25) < 0.03
+    assert 0.11 < fracs.std().item() < 0.18
+    pairs = fracs.view(150, 2)  # neighbouring draws do not share a rate
+    assert abs(torch.corrcoef(pairs.T)[0, 1].item()) < 0.25
+    fixed = band_dropout_keep(10000, 6, 1.0, draws=2, generator=g)  # everything drops: one forced band
+    assert bool((fixed.sum(-1) == 1).all())
+    assert (fixed.sum(1) - 10000 / 6).abs().max().item() < 250  # uniform replacement in each draw
+    assert not torch.equal(fixed[0], fixed[1])
+    one = band_dropout_keep(20000, 12, 0.3, draws=1, generator=g)[0]
+    assert abs((1 - one.mean()).item() - 0.3) < 0.006
+
+
 def test_band_dropout_keep_validation():
     with pytest.raises(ValueError, match="rate"):
         band_dropout_keep(2, 3, 1.5)
     with pytest.raises(ValueError, match="num_bands"):
         band_dropout_keep(2, 0, 0.5)
+    with pytest.raises(ValueError, match="draws"):
+        band_dropout_keep(2, 3, 0.5, draws=0)
 
 
 @pytest.mark.parametrize("impl", ["ref", "effective"])

@@ -59,14 +59,15 @@ class MultiModalPatchEmbeddings(nn.Module):
                 self.register_buffer(f"bands__{m}__{i}", torch.tensor(idx, dtype=torch.long), persistent=False)
             self.per_modality_embeddings[m] = mods
 
-    def _keep(self, modality: str, batch: int, num_bands: int, device) -> Tensor | None:
-        """Band-dropout multiplier of one (modality, bandset) call, or None when not applied."""
+    def _keeps(self, modality: str, batch: int, num_bands: int, views: int, device) -> list[Tensor] | None:
+        """The V views' band-dropout multipliers of one (modality, bandset), drawn in one call
+        (each view its own rate, as the reference's per-view calls), or None when not applied."""
         if not self.training or self.band_dropout_rate <= 0 or num_bands <= 1:
             return None
         if self.band_dropout_modalities is not None and modality not in self.band_dropout_modalities:
             return None
-        return band_dropout_keep(batch, num_bands, self.band_dropout_rate, random_rate=self.random_band_dropout,
-                                 device=device)
+        return list(band_dropout_keep(batch, num_bands, self.band_dropout_rate, random_rate=self.random_band_dropout,
+                                      draws=views, device=device).unbind(0))
 
     def _embed(self, modality: str, embed: nn.Module, x: Tensor, patch_size: int, keep: Tensor | None,
                idx: Tensor) -> Tensor:
@@ -123,9 +124,9 @@ class MultiModalPatchEmbeddings(nn.Module):
                 x = x.to(torch.get_autocast_dtype("cuda"))
             for k, (name, embed) in enumerate(self.per_modality_embeddings[m].items()):
                 idx = getattr(self, f"bands__{name}")
-                keeps = [self._keep(m, x.shape[0], idx.numel(), x.device) for _ in range(num_views)]
+                keeps = self._keeps(m, x.shape[0], idx.numel(), num_views, x.device)
                 t_embed = None if target is None else target.per_modality_embeddings[m][name]
-                yield m, k, x, idx, embed, t_embed, None if keeps[0] is None else keeps
+                yield m, k, x, idx, embed, t_embed, keeps
 
     def packed(self, data: dict[str, Tensor], patch_size: int, rows, num_views: int = 1,
                target: MultiModalPatchEmbeddings | None = None, target_rows=None):
