@@ -16,7 +16,7 @@ zeros-plus-slices per modality as the reference does. The parameter-free part of
 and spatial slots, and per token its channel-table row and time index) is made once per
 (layout, patch size, width, device) and kept (`fixed_tables`, a small LRU): a step's crops
 repeat it, and the encoder and decoder call the encodings three times a microbatch. Each call is
-then a handful of gathers and one concatenation instead of about 330 small ops (the sincos
+then 13 operators (gathers and one concatenation) instead of about 210 (the sincos
 tables of every modality rebuilt), which on a GPU are as many kernel launches.
 `CompositeEncodings.forward_ref` builds everything per call, as before: the same values.
 """
