@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from olmoearth_fast.modalities import MODALITIES, MaskValue, TokenizationConfig, as_tokenization
 from olmoearth_fast.model.layout import TokenLayout
@@ -235,6 +236,26 @@ def _sum_work(parts, cfg, tok: TokenizationConfig, training: bool, device_type: 
     if training:
         total.elementwise["optimizer"] = 12.0 * num_parameters(mc, tok)  # AdamW: ~12 ops per weight
     return total
+
+
+class _OperatorCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(fn, *args, **kwargs) -> int:
+    """The operators that compute (views excluded) when ``fn(*args, **kwargs)`` runs, counted below
+    autograd (the backward's too, where ``fn`` runs one): on a GPU each is a kernel launch, or
+    more; Triton kernels launched outside torch.library are not seen. The count slows ``fn``."""
+    with _OperatorCounter() as counter:
+        fn(*args, **kwargs)
+    return counter.count
 
 
 def num_parameters(model_cfg, tokenization: TokenizationConfig) -> int:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference_step import ReferenceStep, copy_weights, reference_model  # noqa: E402
@@ -80,27 +79,13 @@ def profile_steps(step, batches, steps: int, cuda: bool, top: int = 0) -> tuple[
     return out, wall
 
 
-class _CountOperators(TorchDispatchMode):
-    """Counts the operators that compute (views excluded) below autograd: on a GPU each is a
-    kernel launch, or more (Triton kernels launched outside torch.library are not seen)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def count_operators(step, batch) -> int:
-    """Computing operators of one step (run after the profiled ones: the mode slows it)."""
-    with _CountOperators() as mode:
-        step(batch)
+    """Computing operators of one step (`perf.count_operators`; run after the profiled steps:
+    the count slows it)."""
+    count = perf.count_operators(step, batch)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return mode.count
+    return count
 
 
 def main() -> None:

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from olmoearth_fast.modalities import MODALITIES, MaskValue, tokenization_preset
 from olmoearth_fast.model.attention import Attention, Segments, drop_path
@@ -376,6 +375,7 @@ def test_encodings_from_kept_tables_equal_built_ones(preset, dim):
     call with the same layout makes no new table."""
     from olmoearth_fast.model.encodings import CompositeEncodings, fixed_tables
     from olmoearth_fast.model.layout import TokenLayout
+    from olmoearth_fast.perf import count_operators
 
     tok = tokenization_preset(preset)
     mods = (*MODS, "era5_10")
@@ -399,15 +399,6 @@ def test_encodings_from_kept_tables_equal_built_ones(preset, dim):
     info = fixed_tables.cache_info()
     assert info.misses == 1 and info.hits == 1
 
-    class Ops(TorchDispatchMode):  # operators that compute (on a GPU, each a kernel launch)
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                computed.append(str(func))
-            return func(*args, **(kwargs or {}))
-    for fn in (enc, enc.forward_ref):
-        computed = []
-        with Ops():
-            fn(layout, ts, 2, positions=positions)
-        if fn is enc:
-            assert len(computed) <= 16, computed
-    assert len(computed) > 100  # what building the tables in every call costs (5 modalities)
+    # operators that compute (on a GPU, each a kernel launch), against building the tables per call
+    assert count_operators(enc, layout, ts, 2, positions=positions) <= 16
+    assert count_operators(enc.forward_ref, layout, ts, 2, positions=positions) > 100  # 5 modalities

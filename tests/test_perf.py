@@ -298,3 +298,12 @@ def test_the_device_line_names_the_cpu_and_its_linear_library(monkeypatch):
     assert perf.describe_device(torch.device("cpu")).endswith("Linear layers on oneDNN)")
     monkeypatch.setenv("OLMOEARTH_FAST_CPU_LINEAR", "mkl")
     assert perf.describe_device(torch.device("cpu")).endswith("Linear layers on MKL)")
+
+
+def test_count_operators_counts_computing_operators_not_views():
+    from olmoearth_fast.perf import count_operators
+
+    x = torch.randn(4, 3, requires_grad=True)
+    assert count_operators(lambda: (x + 1).view(-1).t() * 2) == 2  # add, mul; view and t are views
+    # with a backward: its operators count too (mul's backward: one mul; add's: none)
+    assert count_operators(lambda: (x * 3).sum().backward()) > 2
