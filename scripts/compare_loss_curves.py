@@ -8,7 +8,10 @@
 Both start from the same weights (the reference model's random init, imported into ours), see
 the same rank batches (same crops, same two masks per sample) and use the same optimizer,
 schedule and clipping; dropout draws (band dropout, DropPath) are independent, so the curves
-agree within noise, not bit for bit. Prints mean losses over windows of steps.
+agree within noise, not bit for bit. Prints mean losses over windows of steps and a verdict:
+two t-tests on the windows' mean differences, for a constant offset and for a drift
+(`within_noise`). `--compare self` runs ours against a second copy of ours, which differ only
+in their dropout draws: the noise itself, on which the verdict's false-alarm rate can be checked.
 
 Both run on one device (`--device`, auto = cuda when available). On CUDA both use bf16 autocast
 with fp32 losses (ours through `Trainer`, the reference as `benchmarks/bench_train_step.py`
@@ -28,7 +31,7 @@ import math
 import sys
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -60,34 +63,98 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def paired_windows(ours: list[float], ref: list[float], window: int) -> list[dict]:
-    """Window means of both curves and of their paired difference, with its z-score.
+class _Inline:
+    """An executor that runs each task when it is submitted, in the calling thread."""
 
-    Both see the same batch at every step, so the per-step difference d = ours - ref is free
-    of the batch-to-batch spread; what is left is dropout draws and divergence. z = mean(d) /
-    (sd(d) / sqrt(w)) per window of w steps.
+    def submit(self, fn, *args) -> Future:
+        f = Future()
+        f.set_result(fn(*args))
+        return f
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+def paired_windows(ours: list[float], ref: list[float], window: int) -> list[dict]:
+    """Window means of both curves and of their paired difference d = ours - ref.
+
+    Both see the same batch at every step, so d is free of the batch-to-batch spread; what is
+    left is dropout draws and the drift of the two models' states apart and back.
     """
     rows = []
     for s in range(0, min(len(ours), len(ref)), window):
         o, r = ours[s:s + window], ref[s:s + window]
-        d = [a - b for a, b in zip(o, r)]
-        k = len(d)
-        mean_d = sum(d) / k
-        sd = math.sqrt(sum((x - mean_d) ** 2 for x in d) / (k - 1)) if k > 1 else float("nan")
-        z = mean_d / (sd / math.sqrt(k)) if k > 1 and sd > 0 else float("nan")
-        rows.append({"first": s + 1, "last": s + k, "ours": sum(o) / k, "ref": sum(r) / k, "diff": mean_d, "z": z})
+        k = len(o)
+        rows.append({"first": s + 1, "last": s + k, "steps": k, "ours": sum(o) / k, "ref": sum(r) / k,
+                     "diff": sum(a - b for a, b in zip(o, r)) / k})
     return rows
 
 
-def within_noise(windows: list[dict], z_max: float = 3.0) -> dict:
-    """Verdict: every window's paired difference within z_max standard errors."""
-    zs = [abs(row["z"]) for row in windows if math.isfinite(row["z"])]
-    worst = max(zs) if zs else float("nan")
-    ok = bool(zs) and worst <= z_max
+def t_two_sided_p(t: float, dof: int) -> float:
+    """P(|T| >= |t|) for Student's t with an integer number of degrees of freedom (the closed
+    forms of Abramowitz & Stegun 26.7.3 and 26.7.4)."""
+    if dof < 1:
+        raise ValueError(f"dof must be >= 1, got {dof}")
+    if math.isinf(t):
+        return 0.0
+    theta = math.atan2(abs(t), math.sqrt(dof))
+    s, c = math.sin(theta), math.cos(theta)
+    if dof % 2:  # odd: (2/pi) (theta + sin(theta) (cos + 2/3 cos^3 + 2*4/(3*5) cos^5 + ...))
+        term = total = c if dof > 1 else 0.0
+        for k in range(3, dof - 1, 2):
+            term *= c * c * (k - 1) / k
+            total += term
+        inside = 2.0 / math.pi * (theta + s * total)
+    else:  # even: sin(theta) (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+        term = total = 1.0
+        for k in range(2, dof - 1, 2):
+            term *= c * c * (k - 1) / k
+            total += term
+        inside = s * total
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def within_noise(windows: list[dict], alpha: float = 0.01) -> dict:
+    """Verdict on the full windows' mean differences m_1..m_W (batch means).
+
+    The per-step differences are not independent: the two models' states drift apart and back
+    over tens of steps, so a window's 20 differences share much of their noise and a z-score from
+    their own spread overstates the evidence (ours against ours, differing only in dropout
+    draws, failed such a test in most 200-step runs). Window means are nearly independent of
+    one another, and their spread includes the drift. Two t-tests on them:
+
+    * offset: mean(m) against sd(m) / sqrt(W), W - 1 degrees of freedom;
+    * drift: the least-squares slope of m over the window index against its standard error,
+      W - 2 degrees of freedom (a difference that grows, or starts part-way);
+
+    each at level alpha / 2, so that a run of two curves computing the same thing is judged
+    to differ with probability about alpha. Needs at least 4 full windows.
+    """
+    k = max((row["steps"] for row in windows), default=0)
+    m = [row["diff"] for row in windows if row["steps"] == k]
+    n_w = len(m)
     biggest = max((abs(row["diff"]) for row in windows), default=float("nan"))
-    text = (f"curves {'agree within noise' if ok else 'DIFFER beyond noise' if zs else 'too short to judge'}: "
-            f"largest window difference {biggest:.4f}, largest |z| {worst:.2f} (limit {z_max:g})")
-    return {"ok": ok, "max_abs_z": worst, "max_abs_diff": biggest, "text": text}
+    out = {"ok": False, "windows": n_w, "mean_diff": float("nan"), "se": float("nan"),
+           "p_offset": float("nan"), "p_drift": float("nan"), "max_abs_diff": biggest}
+    if n_w < 4:
+        out["text"] = f"curves too short to judge: {n_w} full windows, the verdict needs 4"
+        return out
+    mean = sum(m) / n_w
+    var = sum((x - mean) ** 2 for x in m) / (n_w - 1)
+    xs = [i - (n_w - 1) / 2 for i in range(n_w)]
+    sxx = sum(x * x for x in xs)
+    slope = sum(x * y for x, y in zip(xs, m)) / sxx
+    resid = sum((y - mean - slope * x) ** 2 for x, y in zip(xs, m)) / (n_w - 2)
+    se = math.sqrt(var / n_w)
+    p_offset = t_two_sided_p(mean / se, n_w - 1) if se > 0 else float(mean == 0)
+    se_slope = math.sqrt(resid / sxx)
+    p_drift = t_two_sided_p(slope / se_slope, n_w - 2) if se_slope > 0 else float(slope == 0)
+    ok = min(p_offset, p_drift) >= alpha / 2
+    text = (f"curves {'agree within noise' if ok else 'DIFFER beyond noise'}: mean difference {mean:+.4f} "
+            f"(standard error {se:.4f} from {n_w} windows of {k} steps; offset p = {p_offset:.3f}, drift "
+            f"p = {p_drift:.3f}, limit {alpha / 2:g} each); largest window difference {biggest:.4f}")
+    out.update(ok=ok, mean_diff=mean, se=se, p_offset=p_offset, p_drift=p_drift, text=text)
+    return out
 
 
 def main() -> None:
@@ -105,9 +172,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256, help="demo dataset size")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds; stop after the step that crosses it")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--compare", choices=("ref", "compiled"), default="ref",
+    ap.add_argument("--compare", choices=("ref", "compiled", "self"), default="ref",
                     help="ref: ours vs the reference's fastest configuration; compiled: ours eager vs ours with "
-                         "trainer.compile=true (the JSON keeps the keys 'ours' for side A and 'ref' for side B)")
+                         "trainer.compile=true; self: ours vs a second copy of ours, which differ only in their "
+                         "dropout draws (the noise the verdict judges against). The JSON keeps the keys 'ours' for "
+                         "side A and 'ref' for side B")
     args, overrides = ap.parse_known_args()
     device = _device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
@@ -155,21 +224,23 @@ def main() -> None:
             for g in ref.opt.param_groups:
                 g["lr"] = lr_at(step, cfg, args.steps)
             return float(ref(b).detach())
-    else:  # ours eager vs ours with the blocks compiled, from the same weights on the same batches
-        labels = ("eager", "compiled")
-        trainer, other = our_trainer(False), our_trainer(True)
+    else:  # ours vs ours (compiled, or a second eager copy), from the same weights on the same batches
+        labels = ("eager", "compiled") if args.compare == "compiled" else ("ours_a", "ours_b")
+        trainer, other = our_trainer(False), our_trainer(args.compare == "compiled")
 
         def step_b(b, step):
             return other.train_step(b)[0].loss
     setup["sides"] = list(labels)
     print(f"comparing {labels[0]} (A) with {labels[1]} (B)", flush=True)
 
-    # rank batches are made on the CPU one step ahead, in a thread, while the device trains; the
-    # batch of step s is the same whatever the device (make_batch(epoch, index) is deterministic)
+    # on CUDA, rank batches are made on the CPU one step ahead, in a thread, while the device
+    # trains; on CPU between the steps (a thread would take cores from whichever side's step it
+    # overlaps, and time it). The batch of step s is the same either way (make_batch(epoch,
+    # index) is deterministic)
     def make(s):
         return loader.make_batch(1 + s // len(loader), s % len(loader))
 
-    pool = ThreadPoolExecutor(max_workers=1)
+    pool = ThreadPoolExecutor(max_workers=1) if device.type == "cuda" else _Inline()
     ahead: deque = deque(pool.submit(make, s) for s in range(min(2, args.steps)))
     curves: dict[str, list[float]] = {"ours": [], "ref": []}
     times = {"ours": 0.0, "ref": 0.0}
@@ -201,7 +272,8 @@ def main() -> None:
         if not args.out:
             return
         n = len(curves["ref"])
-        result = {**curves, "windows": paired_windows(curves["ours"][:n], curves["ref"][:n], args.window),
+        windows = paired_windows(curves["ours"][:n], curves["ref"][:n], args.window)
+        result = {**curves, "windows": windows, "verdict": within_noise(windows),
                   "setup": setup, "steps_done": n, "complete": n == args.steps, "stopped": stopped,
                   "times_s": times, "step_times_s": step_times, "batch_wait_s": wait_s,
                   "peak_gib": peak if device.type == "cuda" else None,
@@ -239,10 +311,9 @@ def main() -> None:
     n = len(curves["ref"])
     w = args.window
     windows = paired_windows(curves["ours"][:n], curves["ref"][:n], w)
-    print(f"{'steps':>12} {labels[0]:>8} {labels[1]:>8} {'diff':>8} {'z':>6}")
+    print(f"{'steps':>12} {labels[0]:>8} {labels[1]:>8} {'diff':>8}")
     for row in windows:
-        print(f"{row['first']:>5}-{row['last']:<6} {row['ours']:8.4f} {row['ref']:8.4f} {row['diff']:+8.4f} "
-              f"{row['z']:+6.2f}")
+        print(f"{row['first']:>5}-{row['last']:<6} {row['ours']:8.4f} {row['ref']:8.4f} {row['diff']:+8.4f}")
     verdict = within_noise(windows)
     print(verdict["text"])
     bad = [k for k, v in curves.items() if any(not math.isfinite(x) for x in v)]

@@ -34,18 +34,56 @@ def test_loss_curve_windows_and_verdict():
     pytest.importorskip("olmoearth_pretrain")
     mod = _load("compare_loss_curves")
     g = torch.Generator().manual_seed(0)
-    batch_effect = torch.randn(40, generator=g).tolist()  # shared by both: cancels in the pairs
+    batch_effect = torch.randn(200, generator=g).tolist()  # shared by both: cancels in the pairs
     ref = [4.0 + b for b in batch_effect]
-    noisy = [r + 0.01 * float(e) for r, e in zip(ref, torch.randn(40, generator=g))]
+    noisy = [r + 0.01 * float(e) for r, e in zip(ref, torch.randn(200, generator=g))]
     rows = mod.paired_windows(noisy, ref, 20)
-    assert [(r["first"], r["last"]) for r in rows] == [(1, 20), (21, 40)]
+    assert [(r["first"], r["last"]) for r in rows][:2] == [(1, 20), (21, 40)] and len(rows) == 10
     assert rows[0]["ours"] == pytest.approx(sum(noisy[:20]) / 20)
+    assert rows[0]["diff"] == pytest.approx(sum(a - b for a, b in zip(noisy[:20], ref[:20])) / 20)
     assert mod.within_noise(rows)["ok"]
-    shifted = [x + 0.05 for x in noisy]  # a systematic offset of 5 noise sd: detected
+    shifted = [x + 0.01 for x in noisy]  # a systematic offset of one per-step noise sd: detected
     verdict = mod.within_noise(mod.paired_windows(shifted, ref, 20))
-    assert not verdict["ok"] and verdict["max_abs_diff"] == pytest.approx(0.05, abs=0.01)
+    assert not verdict["ok"] and verdict["p_offset"] < 1e-4 and verdict["mean_diff"] == pytest.approx(0.01, abs=0.003)
     assert "DIFFER" in verdict["text"]
-    assert mod.within_noise(mod.paired_windows([1.0], [1.0], 20))["text"].startswith("curves too short")
+    # a difference that grows from nothing (the slope test; the offset test alone misses it)
+    growing = [x + 0.03 * (i / 200 - 0.5) for i, x in enumerate(noisy)]
+    verdict = mod.within_noise(mod.paired_windows(growing, ref, 20))
+    assert not verdict["ok"] and verdict["p_drift"] < 1e-3 < verdict["p_offset"]
+    assert mod.within_noise(mod.paired_windows(noisy[:79], ref[:79], 20))["text"].startswith("curves too short")
+    assert mod.within_noise(mod.paired_windows(noisy[:81], ref[:81], 20))["windows"] == 4  # partial window left out
+
+
+def test_student_t_p_values():
+    pytest.importorskip("olmoearth_pretrain")
+    p = _load("compare_loss_curves").t_two_sided_p
+    # two-sided quantiles from tables: (t, dof, p)
+    for t, dof, want in [(12.706, 1, 0.05), (4.303, 2, 0.05), (3.182, 3, 0.05), (2.776, 4, 0.05),
+                         (3.250, 9, 0.01), (2.262, 9, 0.05), (3.355, 8, 0.01), (2.000, 60, 0.05)]:
+        assert p(t, dof) == pytest.approx(want, rel=2e-3), (t, dof)
+        assert p(-t, dof) == p(t, dof)
+    assert p(0.0, 5) == pytest.approx(1.0) and p(float("inf"), 3) == 0.0
+    with pytest.raises(ValueError, match="dof"):
+        p(1.0, 0)
+
+
+def test_loss_curve_verdict_false_alarms_with_correlated_noise():
+    """Per-step differences that share noise over several steps (AR(1), correlation 0.8 from one
+    step to the next, as two training runs drifting apart and back): the verdict's false-alarm
+    rate stays near its level (1%). (The verdict before, a z-score per window from its own
+    steps' spread, alarmed in 99% of such runs.)"""
+    pytest.importorskip("olmoearth_pretrain")
+    mod = _load("compare_loss_curves")
+    g = torch.Generator().manual_seed(1)
+    runs, alarms = 400, 0
+    for _ in range(runs):
+        e = torch.randn(200, generator=g, dtype=torch.float64)
+        d = torch.empty_like(e)
+        d[0] = e[0]
+        for i in range(1, 200):
+            d[i] = 0.8 * d[i - 1] + 0.6 * e[i]
+        alarms += not mod.within_noise(mod.paired_windows(d.tolist(), [0.0] * 200, 20))["ok"]
+    assert alarms / runs <= 0.03, alarms
 
 
 def test_profile_step_categories():
@@ -61,3 +99,24 @@ def test_profile_step_categories():
         "aten::_fused_adamw_": "optimizer",
     }
     assert {name: categorise(name) for name in expected} == expected
+
+
+def test_compare_loss_curves_self_runs(tmp_path):
+    """`--compare self` end to end on a few steps: two copies of ours from the same weights, the
+    JSON with both curves, the windows and the verdict."""
+    pytest.importorskip("olmoearth_pretrain")
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "curves.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_loss_curves.py"), "--compare", "self",
+                           "--steps", "4", "--window", "1", "--samples", "16", "--device", "cpu", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "comparing ours_a (A) with ours_b (B)" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["setup"]["sides"] == ["ours_a", "ours_b"]
+    assert len(result["ours"]) == len(result["ref"]) == 4
+    assert all(3.0 < x < 6.0 for x in result["ours"] + result["ref"])  # the demo recipe starts near 4.3
+    assert result["verdict"]["windows"] == 4 and result["verdict"]["text"] in proc.stdout
