@@ -11,7 +11,8 @@ schedule and clipping; dropout draws (band dropout, DropPath) are independent, s
 agree within noise, not bit for bit. Prints mean losses over windows of steps and a verdict:
 two t-tests on the windows' mean differences, for a constant offset and for a drift
 (`within_noise`). `--compare self` runs ours against a second copy of ours, which differ only
-in their dropout draws: the noise itself, on which the verdict's false-alarm rate can be checked.
+in their dropout draws (side A takes the DropPath the loader planned with each batch, side B
+draws its own): the noise itself, on which the verdict's false-alarm rate can be checked.
 
 Both run on one device (`--device`, auto = cuda when available). On CUDA both use bf16 autocast
 with fp32 losses (ours through `Trainer`, the reference as `benchmarks/bench_train_step.py`
@@ -32,6 +33,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -174,9 +176,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--compare", choices=("ref", "compiled", "self"), default="ref",
                     help="ref: ours vs the reference's fastest configuration; compiled: ours eager vs ours with "
-                         "trainer.compile=true; self: ours vs a second copy of ours, which differ only in their "
-                         "dropout draws (the noise the verdict judges against). The JSON keeps the keys 'ours' for "
-                         "side A and 'ref' for side B")
+                         "trainer.compile=true (both with the loader's DropPath draws, planned per batch); self: ours "
+                         "vs a second copy of ours, which differ only in their dropout draws (band dropout and "
+                         "DropPath: the copy plans its batches itself), the noise the verdict judges against. "
+                         "The JSON keeps the keys 'ours' for side A and 'ref' for side B")
     args, overrides = ap.parse_known_args()
     device = _device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
@@ -229,6 +232,8 @@ def main() -> None:
         trainer, other = our_trainer(False), our_trainer(args.compare == "compiled")
 
         def step_b(b, step):
+            if args.compare == "self":  # side B draws its DropPath itself, not the batch's planned draws
+                b = replace(b, plans=None)
             return other.train_step(b)[0].loss
     setup["sides"] = list(labels)
     print(f"comparing {labels[0]} (A) with {labels[1]} (B)", flush=True)
