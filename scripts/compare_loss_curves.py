@@ -8,9 +8,12 @@
 Both start from the same weights (the reference model's random init, imported into ours), see
 the same rank batches (same crops, same two masks per sample) and use the same optimizer,
 schedule and clipping; dropout draws (band dropout, DropPath) are independent, so the curves
-agree within noise, not bit for bit. Prints mean losses over windows of steps and a verdict:
-two t-tests on the windows' mean differences, for a constant offset and for a drift
-(`within_noise`). `--compare self` runs ours against a second copy of ours, which differ only
+agree within noise, not bit for bit. The reference walks its modalities in the order of a
+Python set, so its band-dropout draws (and, through the random generator the two sides share,
+ours from the second step on) follow the process's string hashing: a run repeats exactly only
+with `PYTHONHASHSEED` set (the setup line shows it). Prints mean losses over windows of steps
+and a verdict: two t-tests on the windows' mean differences, for a constant offset and for a
+drift (`within_noise`). `--compare self` runs ours against a second copy of ours, which differ only
 in their dropout draws (side A takes the DropPath the loader planned with each batch, side B
 draws its own): the noise itself, on which the verdict's false-alarm rate can be checked.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -202,7 +206,10 @@ def main() -> None:
              "hw_p_list": list(d.hw_p_list), "token_budget": d.token_budget, "lr": cfg.optim.lr,
              "warmup_steps": cfg.schedule.warmup_steps, "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
              "torch": torch.__version__,
-             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+             # the reference walks its modalities in a set's order (string hashing), and so draws
+             # its band dropout in an order that changes from process to process unless it is set
+             "python_hash_seed": os.environ.get("PYTHONHASHSEED", "random")}
     print("setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()), flush=True)
 
     loader = build_loader(cfg, 0, 1, "runs/compare")
