@@ -2,6 +2,8 @@
 
     python scripts/compare_loss_curves.py --steps 100 --size nano [--device auto|cpu|cuda] [--out curves.json]
     python scripts/compare_loss_curves.py --compare compiled --steps 200   # ours eager vs compiled
+    for s in 0 1 2 3 4 5 6 7; do python scripts/compare_loss_curves.py --steps 200 --out run$s.json \\
+        trainer.init_seed=$s; done; python scripts/compare_loss_curves.py --combine run*.json
     python scripts/compare_loss_curves.py --steps 200 --size base_shallow_decoder --device cuda \\
         [--batch 64 --micro 32 --patch-size 4 --hw-p 8 --token-budget 2250 --lr 2e-4] [a.b=value ...]
 
@@ -13,7 +15,8 @@ Python set, so its band-dropout draws (and, through the random generator the two
 ours from the second step on) follow the process's string hashing: a run repeats exactly only
 with `PYTHONHASHSEED` set (the setup line shows it). Prints mean losses over windows of steps
 and a verdict: two t-tests on the windows' mean differences, for a constant offset and for a
-drift (`within_noise`). `--compare self` runs ours against a second copy of ours, which differ only
+drift (`within_noise`); `--combine` judges several runs together, for a difference common to them
+(`across_runs`). `--compare self` runs ours against a second copy of ours, which differ only
 in their dropout draws (side A takes the DropPath the loader planned with each batch, side B
 draws its own): the noise itself, on which the verdict's false-alarm rate can be checked.
 
@@ -140,7 +143,7 @@ def within_noise(windows: list[dict], alpha: float = 0.01) -> dict:
     m = [row["diff"] for row in windows if row["steps"] == k]
     n_w = len(m)
     biggest = max((abs(row["diff"]) for row in windows), default=float("nan"))
-    out = {"ok": False, "windows": n_w, "mean_diff": float("nan"), "se": float("nan"),
+    out = {"ok": False, "windows": n_w, "mean_diff": float("nan"), "se": float("nan"), "slope": float("nan"),
            "p_offset": float("nan"), "p_drift": float("nan"), "max_abs_diff": biggest}
     if n_w < 4:
         out["text"] = f"curves too short to judge: {n_w} full windows, the verdict needs 4"
@@ -159,8 +162,63 @@ def within_noise(windows: list[dict], alpha: float = 0.01) -> dict:
     text = (f"curves {'agree within noise' if ok else 'DIFFER beyond noise'}: mean difference {mean:+.4f} "
             f"(standard error {se:.4f} from {n_w} windows of {k} steps; offset p = {p_offset:.3f}, drift "
             f"p = {p_drift:.3f}, limit {alpha / 2:g} each); largest window difference {biggest:.4f}")
+    out.update(ok=ok, mean_diff=mean, se=se, slope=slope, p_offset=p_offset, p_drift=p_drift, text=text)
+    return out
+
+
+def across_runs(verdicts: list[dict], alpha: float = 0.01) -> dict:
+    """Verdict over several runs (other seeds: ``trainer.init_seed=N``), from their
+    `within_noise` results.
+
+    One run's verdict raises false alarms somewhat more often than its level: a trajectory can
+    jump once early on and stay apart for the whole run (at nano, one seed in ten, ours against
+    the reference and ours against ours alike). A difference between the implementations is
+    common to the runs instead. So: t-tests of the runs' mean differences for a common offset,
+    and of their slopes (per window) for a common drift, R - 1 degrees of freedom each, at
+    alpha / 2 each. Needs 3 runs or more (its power grows with them: 8 or more to find an
+    offset a few times a run's standard error).
+    """
+    runs = [v for v in verdicts if math.isfinite(v.get("mean_diff", float("nan")))
+            and math.isfinite(v.get("slope", float("nan")))]
+    r = len(runs)
+    alarms = sum(not v["ok"] for v in runs)
+    out = {"ok": False, "runs": r, "alarms": alarms, "mean_diff": float("nan"), "se": float("nan"),
+           "p_offset": float("nan"), "p_drift": float("nan")}
+    if r < 3:
+        out["text"] = f"too few runs to judge across them: {r} judged, the verdict needs 3"
+        return out
+
+    def t_test(xs):
+        mean = sum(xs) / r
+        se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (r - 1) / r)
+        return mean, se, (t_two_sided_p(mean / se, r - 1) if se > 0 else float(mean == 0))
+
+    mean, se, p_offset = t_test([v["mean_diff"] for v in runs])
+    _, _, p_drift = t_test([v["slope"] for v in runs])
+    ok = min(p_offset, p_drift) >= alpha / 2
+    text = (f"over {r} runs the curves {'agree within noise' if ok else 'DIFFER beyond noise'}: mean difference "
+            f"{mean:+.4f} (standard error {se:.4f}; common offset p = {p_offset:.3f}, common drift p = "
+            f"{p_drift:.3f}, limit {alpha / 2:g} each); {alarms} of {r} runs alarmed on their own")
     out.update(ok=ok, mean_diff=mean, se=se, p_offset=p_offset, p_drift=p_drift, text=text)
     return out
+
+
+def combine(paths: list[str], window: int) -> dict:
+    """`across_runs` of the runs written by ``--out`` (their windows judged again at ``window``
+    steps), printing a line per run and the verdict."""
+    verdicts = []
+    for path in paths:
+        try:
+            run = json.loads(Path(path).read_text())
+            n = min(len(run["ours"]), len(run["ref"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--combine: {path} is not a run written by --out ({type(e).__name__}: {e})")
+        v = within_noise(paired_windows(run["ours"][:n], run["ref"][:n], window))
+        print(f"{path} (init seed {run.get('setup', {}).get('init_seed', '?')}): {v['text']}")
+        verdicts.append(v)
+    verdict = across_runs(verdicts)
+    print(verdict["text"])
+    return verdict
 
 
 def main() -> None:
@@ -184,7 +242,15 @@ def main() -> None:
                          "vs a second copy of ours, which differ only in their dropout draws (band dropout and "
                          "DropPath: the copy plans its batches itself), the noise the verdict judges against. "
                          "The JSON keeps the keys 'ours' for side A and 'ref' for side B")
+    ap.add_argument("--combine", nargs="+", metavar="RUN.json", default=None,
+                    help="judge runs written by --out (e.g. one per trainer.init_seed) together, without training: "
+                         "each run's verdict, then a test for an offset or drift common to them (`across_runs`)")
     args, overrides = ap.parse_known_args()
+    if args.combine:
+        if overrides:
+            ap.error(f"--combine trains nothing: unexpected {' '.join(overrides)}")
+        combine(args.combine, args.window)
+        return
     device = _device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     given = (args.batch, args.micro, args.patch_size, args.hw_p, args.token_budget, args.lr)
@@ -205,7 +271,7 @@ def main() -> None:
              "batch": d.global_batch_size, "microbatch": d.rank_microbatch_size, "patch_sizes": list(d.patch_sizes),
              "hw_p_list": list(d.hw_p_list), "token_budget": d.token_budget, "lr": cfg.optim.lr,
              "warmup_steps": cfg.schedule.warmup_steps, "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
-             "torch": torch.__version__,
+             "init_seed": cfg.trainer.init_seed, "torch": torch.__version__,
              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
              # the reference walks its modalities in a set's order (string hashing), and so draws
              # its band dropout in an order that changes from process to process unless it is set

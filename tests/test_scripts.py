@@ -86,6 +86,46 @@ def test_loss_curve_verdict_false_alarms_with_correlated_noise():
     assert alarms / runs <= 0.03, alarms
 
 
+def test_loss_curve_verdict_across_runs(tmp_path):
+    """Several runs (seeds) judged together: an offset common to them is found though no run
+    alone finds it; one run that jumped apart alarms on its own but not across the runs; fewer
+    than 3 runs are not judged. `--combine` does the same from the JSON files."""
+    pytest.importorskip("olmoearth_pretrain")
+    import json
+    import subprocess
+    import sys
+
+    mod = _load("compare_loss_curves")
+    g = torch.Generator().manual_seed(2)
+
+    def run(offset):
+        d = (offset + 0.02 * torch.randn(200, generator=g, dtype=torch.float64)).tolist()
+        return d, mod.within_noise(mod.paired_windows(d, [0.0] * 200, 20))
+
+    common = [run(0.003)[1] for _ in range(12)]  # 0.003: about twice one run's standard error
+    verdict = mod.across_runs(common)
+    assert not verdict["ok"] and verdict["p_offset"] < 1e-3 and verdict["runs"] == 12
+    assert verdict["alarms"] <= 3 and "DIFFER" in verdict["text"]
+    curves = [run(0.0) for _ in range(7)] + [run(-0.04)]  # one run apart from step 1 on
+    verdicts = [v for _, v in curves]
+    assert not verdicts[-1]["ok"]
+    verdict = mod.across_runs(verdicts)
+    assert verdict["ok"] and verdict["alarms"] >= 1, verdict["text"]
+    assert mod.across_runs(verdicts[:2])["text"].startswith("too few runs")
+    paths = []
+    for i, (d, _) in enumerate(curves):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps({"ours": d, "ref": [0.0] * 200, "setup": {"init_seed": i}}))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_loss_curves.py"), "--combine",
+                           *map(str, paths)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert verdict["text"] in proc.stdout and "(init seed 7): curves DIFFER" in proc.stdout
+    (tmp_path / "bad.json").write_text("{}")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_loss_curves.py"), "--combine",
+                           str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "is not a run written by --out" in proc.stderr
+
+
 def test_profile_step_categories():
     pytest.importorskip("olmoearth_pretrain")
     categorise = _load("profile_step").categorise
