@@ -214,7 +214,8 @@ def combine(paths: list[str], window: int) -> dict:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"--combine: {path} is not a run written by --out ({type(e).__name__}: {e})")
         v = within_noise(paired_windows(run["ours"][:n], run["ref"][:n], window))
-        print(f"{path} (init seed {run.get('setup', {}).get('init_seed', '?')}): {v['text']}")
+        partial = "" if run.get("complete", True) else f", {n} of {run.get('setup', {}).get('steps', '?')} steps"
+        print(f"{path} (init seed {run.get('setup', {}).get('init_seed', '?')}{partial}): {v['text']}")
         verdicts.append(v)
     verdict = across_runs(verdicts)
     print(verdict["text"])

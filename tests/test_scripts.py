@@ -115,11 +115,13 @@ def test_loss_curve_verdict_across_runs(tmp_path):
     paths = []
     for i, (d, _) in enumerate(curves):
         paths.append(tmp_path / f"run{i}.json")
-        paths[-1].write_text(json.dumps({"ours": d, "ref": [0.0] * 200, "setup": {"init_seed": i}}))
+        paths[-1].write_text(json.dumps({"ours": d, "ref": [0.0] * 200, "setup": {"init_seed": i, "steps": 400 if i == 0 else 200},
+                                         "complete": i != 0}))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_loss_curves.py"), "--combine",
                            *map(str, paths)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert verdict["text"] in proc.stdout and "(init seed 7): curves DIFFER" in proc.stdout
+    assert "(init seed 0, 200 of 400 steps): curves agree" in proc.stdout  # a run cut short says so
     (tmp_path / "bad.json").write_text("{}")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_loss_curves.py"), "--combine",
                            str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=300)
