@@ -18,8 +18,10 @@ Every benchmark goes through the `bench` fixture:
 * At the end of the session a table prints, per group, every provider's median and its
   speed ratio against the group's reference providers (`ref_best`, the reference's fastest
   faithful configuration, where a group has it; `ref` otherwise and as a second column),
-  plus peak memory where measured, and, for cases that pass the FLOPs of one call (`flops=`),
-  the achieved FLOP/s and the fraction of the device's peak (`olmoearth_fast.perf.peak_flops`:
+  plus peak memory where measured, and, for cases that pass the FLOPs of one call (`flops=`: a
+  number, or a callable giving the FLOPs of the call just made, for providers whose work varies
+  from call to call, e.g. a training step rotating batches), the achieved FLOP/s (the median
+  over rounds of each round's FLOPs over its time) and the fraction of the device's peak (`olmoearth_fast.perf.peak_flops`:
   a measured fp32 matmul on CPU, the bf16 datasheet figure on GPU). The same table is
   written to `benchmarks/last_run.json` (or to ``$OLMOEARTH_BENCH_LAST_RUN``), rewritten after
   every case (a run stopped by a time limit keeps what it measured), and each case prints one
@@ -125,9 +127,14 @@ def bench(benchmark, request):
     capture = request.config.pluginmanager.get_plugin("capturemanager")
 
     def run(fn, *, group: str, provider: str, rounds: int | None = None, warmup: int = 2, **info):
+        flops = info.pop("flops", None)
+        done: list[float] = []  # the FLOPs of each call, in call order
+
         def timed():
             out = fn()
             _sync()
+            if flops is not None:
+                done.append(_flops_of_call(flops))
             return out
 
         for _ in range(warmup):
@@ -145,7 +152,10 @@ def bench(benchmark, request):
         benchmark.pedantic(timed, setup=_flush_l2, rounds=rounds, iterations=1)
         stats = benchmark.stats.stats
         gbps = _gbps(info, stats.median)
-        flop_s = info["flops"] / stats.median if info.get("flops") else None
+        flop_s = None
+        if flops:  # the timed rounds are the last `rounds` calls
+            flop_s, info["flops"] = _rate(done[-rounds:], list(stats.data))
+            benchmark.extra_info["flops"] = info["flops"]
         frac = flop_s / _device_peak()[0] if flop_s else None
         _RESULTS.append({"group": group, "provider": provider, "median_s": stats.median,
                          "min_s": stats.min, "rounds": rounds, "peak_bytes": peak, "min_bytes_gbps": gbps,
@@ -173,11 +183,13 @@ def bench(benchmark, request):
         from olmoearth_fast.perf import measure_cpu_peak
 
         names = list(fns)
+        flops = flops or {}
         for name in names:
             for _ in range(warmup):
                 fns[name]()
                 _sync()
         times: dict[str, list[float]] = {n: [] for n in names}
+        done: dict[str, list[float]] = {n: [] for n in names if n in flops}  # FLOPs of each round's call
         probes: list[float] = []
 
         def one_round():
@@ -187,6 +199,8 @@ def bench(benchmark, request):
                 fns[n]()
                 _sync()
                 times[n].append(time.perf_counter() - t0)
+                if n in done:
+                    done[n].append(_flops_of_call(flops[n]))
             if not ON_GPU:
                 probes.append(measure_cpu_peak(reps=1, fresh=True))
 
@@ -194,11 +208,12 @@ def bench(benchmark, request):
         benchmark.extra_info.update(PROVENANCE)
         benchmark.extra_info.update({"provider": "+".join(names), "paired": True, **info})
         benchmark.pedantic(one_round, setup=_flush_l2, rounds=rounds, iterations=1)
-        return from_times(times, group=group, flops=flops, probes=probes, **info)
+        return from_times(times, group=group, flops=done or None, probes=probes, **info)
 
     def from_times(times: dict, *, group: str, flops: dict | None = None, probes: list | None = None, **info):
         """Records for providers timed interleaved elsewhere (``times``: {provider: [seconds per
-        round]}, e.g. inside the ranks of a distributed run), as `paired` makes them."""
+        round]}, e.g. inside the ranks of a distributed run), as `paired` makes them. ``flops``:
+        {provider: FLOPs of one call, or a list of each round's}."""
         names = list(times)
         rounds = len(times[names[0]])
         peak = statistics.median(probes) if probes else (_device_peak()[0] if flops else None)
@@ -207,7 +222,9 @@ def bench(benchmark, request):
             med = statistics.median(times[n])
             per_round[n] = statistics.median(a / b for a, b in zip(times[n], times[names[0]]))
             f = (flops or {}).get(n)
-            flop_s = f / med if f else None
+            flop_s = None
+            if f:
+                flop_s, f = _rate(f if isinstance(f, list) else [f] * rounds, times[n])
             _RESULTS.append({"group": group, "provider": n, "median_s": med, "min_s": min(times[n]), "rounds": rounds,
                              "peak_bytes": None, "flop_s": flop_s,
                              "min_bytes_gbps": _gbps(info, med),
@@ -233,6 +250,23 @@ def bench(benchmark, request):
     run.paired = paired
     run.from_times = from_times
     return run
+
+
+def _flops_of_call(flops) -> float:
+    """The FLOPs of the call just made: ``flops``, or ``flops()`` where a provider's work varies
+    from call to call."""
+    return float(flops() if callable(flops) else flops)
+
+
+def _rate(flops: list[float], seconds: list[float]) -> tuple[float, float]:
+    """(achieved FLOP/s, mean FLOPs of a call) over rounds: the median of each round's FLOPs
+    over its time. A provider that alternates between inputs of unequal work (two batches) is
+    then not credited with the mean work at the time of its slower input, or the faster one."""
+    if len(flops) != len(seconds) or not flops:
+        raise ValueError(f"{len(flops)} FLOP counts for {len(seconds)} timed rounds")
+    if len(set(flops)) == 1:  # the same work every round: over the median time
+        return flops[0] / statistics.median(seconds), flops[0]
+    return statistics.median(f / t for f, t in zip(flops, seconds)), statistics.fmean(flops)
 
 
 def _gbps(info: dict, median_s: float) -> float | None:

@@ -30,6 +30,26 @@ def test_fake_paired(bench):
         json.dump({"calls": calls, "medians": medians}, f)
 
 
+def varying():  # two inputs of unequal work in turn, as the training step's two batches
+    state = {"i": 0}
+
+    def step():
+        state["i"] += 1
+        time.sleep(0.01 if state["i"] % 2 else 0.03)  # 1 GFLOP in 10 ms, 3 GFLOP in 30 ms: 100 GFLOP/s
+
+    return step, lambda: 1e9 if state["i"] % 2 else 3e9
+
+
+def test_fake_varying_work_paired(bench):
+    step, work = varying()
+    bench.paired({"varying": step}, group="varying", rounds=3, flops={"varying": work})
+
+
+def test_fake_varying_work_solo(bench):
+    step, work = varying()
+    bench(step, group="varying solo", provider="varying", rounds=3, warmup=1, flops=work)
+
+
 def test_fake_from_times(bench, benchmark):  # times taken elsewhere (the ranks of a distributed run)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     bench.from_times({"ours": [1.0, 2.0, 3.0], "ref_best": [2.0, 4.0, 6.5]}, group="external", world_size=2)
@@ -69,3 +89,9 @@ def test_paired_timing(tmp_path):
     assert external["ours"]["rounds"] == 3 and external["ours"]["world_size"] == 2
     assert external["ours"]["peak_fraction"] is None and external["ours"]["peak_probes"] is None
     assert "external | interleaved over 3 rounds" in done.stdout
+    # work that alternates between calls: each round's FLOPs over its own time (100 GFLOP/s every
+    # round), not the mean work over the median time (here the 30 ms rounds hold the median: 67)
+    for group in ("varying", "varying solo"):
+        rec = next(r for r in results if r["group"] == group)
+        assert 0.75e11 < rec["flop_s"] < 1.0e11, (group, rec["flop_s"])
+        assert rec["flops"] in (5e9 / 3, 7e9 / 3)  # the mean over the three timed rounds
