@@ -21,8 +21,9 @@ Every benchmark goes through the `bench` fixture:
   plus peak memory where measured, and, for cases that pass the FLOPs of one call (`flops=`: a
   number, or a callable giving the FLOPs of the call just made, for providers whose work varies
   from call to call, e.g. a training step rotating batches), the achieved FLOP/s (the median
-  over rounds of each round's FLOPs over its time) and the fraction of the device's peak (`olmoearth_fast.perf.peak_flops`:
-  a measured fp32 matmul on CPU, the bf16 datasheet figure on GPU). The same table is
+  over rounds of each round's FLOPs over its time) and the fraction of the device's peak
+  (`olmoearth_fast.perf.peak_flops`: a measured fp32 matmul on CPU, the bf16 datasheet figure
+  on GPU). The same table is
   written to `benchmarks/last_run.json` (or to ``$OLMOEARTH_BENCH_LAST_RUN``), rewritten after
   every case (a run stopped by a time limit keeps what it measured), and each case prints one
   line as it finishes (`bench: ...`, through pytest's terminal reporter, past the capture).

@@ -123,6 +123,15 @@ def t_two_sided_p(t: float, dof: int) -> float:
     return min(1.0, max(0.0, 1.0 - inside))
 
 
+def mean_t_test(xs: list[float]) -> tuple[float, float, float]:
+    """(mean, its standard error, two-sided p of a zero mean) of independent values xs (at
+    least 2): Student's t with len(xs) - 1 degrees of freedom."""
+    n = len(xs)
+    mean = sum(xs) / n
+    se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n)
+    return mean, se, (t_two_sided_p(mean / se, n - 1) if se > 0 else float(mean == 0))
+
+
 def within_noise(windows: list[dict], alpha: float = 0.01) -> dict:
     """Verdict on the full windows' mean differences m_1..m_W (batch means).
 
@@ -148,14 +157,11 @@ def within_noise(windows: list[dict], alpha: float = 0.01) -> dict:
     if n_w < 4:
         out["text"] = f"curves too short to judge: {n_w} full windows, the verdict needs 4"
         return out
-    mean = sum(m) / n_w
-    var = sum((x - mean) ** 2 for x in m) / (n_w - 1)
+    mean, se, p_offset = mean_t_test(m)
     xs = [i - (n_w - 1) / 2 for i in range(n_w)]
     sxx = sum(x * x for x in xs)
     slope = sum(x * y for x, y in zip(xs, m)) / sxx
     resid = sum((y - mean - slope * x) ** 2 for x, y in zip(xs, m)) / (n_w - 2)
-    se = math.sqrt(var / n_w)
-    p_offset = t_two_sided_p(mean / se, n_w - 1) if se > 0 else float(mean == 0)
     se_slope = math.sqrt(resid / sxx)
     p_drift = t_two_sided_p(slope / se_slope, n_w - 2) if se_slope > 0 else float(slope == 0)
     ok = min(p_offset, p_drift) >= alpha / 2
@@ -187,14 +193,8 @@ def across_runs(verdicts: list[dict], alpha: float = 0.01) -> dict:
     if r < 3:
         out["text"] = f"too few runs to judge across them: {r} judged, the verdict needs 3"
         return out
-
-    def t_test(xs):
-        mean = sum(xs) / r
-        se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (r - 1) / r)
-        return mean, se, (t_two_sided_p(mean / se, r - 1) if se > 0 else float(mean == 0))
-
-    mean, se, p_offset = t_test([v["mean_diff"] for v in runs])
-    _, _, p_drift = t_test([v["slope"] for v in runs])
+    mean, se, p_offset = mean_t_test([v["mean_diff"] for v in runs])
+    _, _, p_drift = mean_t_test([v["slope"] for v in runs])
     ok = min(p_offset, p_drift) >= alpha / 2
     text = (f"over {r} runs the curves {'agree within noise' if ok else 'DIFFER beyond noise'}: mean difference "
             f"{mean:+.4f} (standard error {se:.4f}; common offset p = {p_offset:.3f}, common drift p = "

@@ -115,8 +115,8 @@ def test_loss_curve_verdict_across_runs(tmp_path):
     paths = []
     for i, (d, _) in enumerate(curves):
         paths.append(tmp_path / f"run{i}.json")
-        paths[-1].write_text(json.dumps({"ours": d, "ref": [0.0] * 200, "setup": {"init_seed": i, "steps": 400 if i == 0 else 200},
-                                         "complete": i != 0}))
+        setup = {"init_seed": i, "steps": 400 if i == 0 else 200}  # run 0 cut short
+        paths[-1].write_text(json.dumps({"ours": d, "ref": [0.0] * 200, "setup": setup, "complete": i != 0}))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_loss_curves.py"), "--combine",
                            *map(str, paths)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
