@@ -1,6 +1,6 @@
 """Where the time of one exp14 training step goes: ours next to the reference's fastest config.
 
-    python scripts/profile_step.py --size tiny --batch 8 [--steps 2] [--device cpu|cuda] [--top N]
+    python scripts/profile_step.py --size tiny --batch 8 [--steps 2] [--device cpu|cuda] [--top N] [--clock]
 
 Runs the `benchmarks/bench_train_step.py` setup (same weights, same masked batches, exp14,
 p=4, hw_p=6 on CPU) under `torch.profiler` for ``--steps`` steps after a warm-up step and sorts
@@ -12,6 +12,15 @@ kernels). Prints one Markdown table, ending with the number of computing operato
 step (views excluded; on a GPU each launches a kernel, so with small matmuls the host's
 dispatch of them can bound the step).
 On CUDA the device time of each kernel is used instead (self CUDA time).
+
+``--clock`` (CPU): no profiler. torch.profiler inflates the step (tiny: ~1.47 s profiled against
+1.13-1.25 s timed) and the self time of small C++ ops most. Instead each operator below autograd
+is timed with a clock around its call (a `TorchDispatchMode`; its Python hook adds ~5-8% to the
+step); the table sorts those times into the same categories, and "between operators" is the
+clocked step minus their sum. Each GEMM (``mm``, ``addmm``) is also timed a second and third
+time at once, on the same operands, into a scratch output: the first rate is the GEMM in the
+step, with its operands where the step left them in the caches; the last, with them warm. Their
+gap is what the memory system costs the step's GEMMs, which a square matmul peak does not see.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference_step import ReferenceStep, copy_weights, reference_model  # noqa: E402
@@ -79,6 +89,74 @@ def profile_steps(step, batches, steps: int, cuda: bool, top: int = 0) -> tuple[
     return out, wall
 
 
+class _Clock(TorchDispatchMode):
+    """A clock around each operator call below autograd (views included: they cost dispatch);
+    GEMMs timed again on warm operands (`main`'s ``--clock``)."""
+
+    GEMMS = ("aten::mm", "aten::addmm")
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.gemms: list[tuple[float, float, float]] = []  # (FLOPs, seconds in the step, seconds warm)
+        self.repeats = 0.0  # seconds spent on the GEMMs' repeats (taken out of the clocked step)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        t0 = time.perf_counter()
+        out = func(*args, **kwargs)
+        dt = time.perf_counter() - t0
+        name = func._schema.name
+        self.seconds[name] = self.seconds.get(name, 0.0) + dt
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if name in self.GEMMS and isinstance(out, torch.Tensor) and out.dim() == 2:
+            t_repeats = time.perf_counter()
+            a = args[0] if name == "aten::mm" else args[1]
+            flops = 2.0 * out.shape[0] * out.shape[1] * a.shape[1]
+            scratch = torch.empty_like(out)
+            overload = torch.ops.aten.mm.out if name == "aten::mm" else torch.ops.aten.addmm.out
+            overload(*args, **kwargs, out=scratch)  # warms the operands and the scratch
+            t1 = time.perf_counter()
+            overload(*args, **kwargs, out=scratch)
+            self.gemms.append((flops, dt, time.perf_counter() - t1))
+            self.repeats += time.perf_counter() - t_repeats
+        return out
+
+
+def clock_steps(step, batches, steps: int) -> tuple[dict[str, float], float, float, _Clock]:
+    """(seconds per step per category, plain step, clocked step, the clock) over ``steps`` steps
+    after a warm-up step; the GEMMs' repeats are left out of the clocked step's wall time."""
+    step(batches[0])
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    plain = (time.perf_counter() - t0) / steps
+    clock = _Clock()
+    t0 = time.perf_counter()
+    with clock:
+        for i in range(steps):
+            step(batches[i % len(batches)])
+    clocked = (time.perf_counter() - t0 - clock.repeats) / steps
+    out: dict[str, float] = {}
+    for name, t in clock.seconds.items():
+        out[categorise(name)] = out.get(categorise(name), 0.0) + t / steps
+    return out, plain, clocked, clock
+
+
+def gemm_rates(clock: _Clock, min_flops: float = 1e8) -> str:
+    """The step's GEMMs: FLOP/s in the step and warm, and the spread over the larger calls."""
+    if not clock.gemms:
+        return "no GEMMs"
+    flops = sum(f for f, _, _ in clock.gemms)
+    cold = flops / sum(t for _, t, _ in clock.gemms)
+    warm = flops / sum(t for _, _, t in clock.gemms)
+    rates = sorted(f / t for f, t, _ in clock.gemms if f >= min_flops) or [cold]
+    q = [rates[round(p * (len(rates) - 1))] / 1e9 for p in (0.1, 0.5, 0.9)]
+    return (f"{cold / 1e9:.0f} GFLOP/s in the step (calls of >= {min_flops / 1e9:.1f} GFLOP: "
+            f"10/50/90% {q[0]:.0f}/{q[1]:.0f}/{q[2]:.0f}), {warm / 1e9:.0f} GFLOP/s repeated at once on warm operands")
+
+
 def count_operators(step, batch) -> int:
     """Computing operators of one step (`perf.count_operators`; run after the profiled steps:
     the count slows it)."""
@@ -97,9 +175,13 @@ def main() -> None:
     ap.add_argument("--hw-p", type=int, default=6)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--top", type=int, default=0, help="also print the N operators of largest self time")
+    ap.add_argument("--clock", action="store_true",
+                    help="CPU: time each operator with a clock instead of the profiler; GEMMs also timed warm")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if args.clock and cuda:
+        ap.error("--clock times operators on the host: CPU only (on CUDA the profiler's device times are exact)")
     with tempfile.TemporaryDirectory() as tmp:
         root = ensure_demo_dataset(f"{tmp}/demo", num_samples=max(2 * args.batch, 32))
         cfg = apply_overrides(experiments.get("exp14"), [
@@ -124,15 +206,22 @@ def main() -> None:
         planned = [loader.make_batch(1, i) for i in range(2)]
         if cuda:
             batches, planned = [b.pin_memory() for b in batches], [b.pin_memory() for b in planned]
-        results, operators = {}, {}
+        results, operators, clocks, plains = {}, {}, {}, {}
         for name, step, inputs in (("ours", trainer.train_step, planned), ("ref_best", ref, batches)):
+            if args.clock:
+                per, plains[name], clocked, clocks[name] = clock_steps(step, inputs, args.steps)
+                per["between operators"] = max(clocked - sum(per.values()), 0.0)
+                results[name] = per, clocked
+                operators[name] = sum(clocks[name].calls.values()) // args.steps
+                continue
             if args.top:
                 print(f"{name}: the {args.top} operators of largest self time, seconds per step (share)")
             results[name] = profile_steps(step, inputs, args.steps, cuda, args.top)
             operators[name] = count_operators(step, inputs[0])
-    cats = [c for c, _ in CATEGORIES] + ["other ops", "Python / dispatch"]
+    cats = [c for c, _ in CATEGORIES] + ["other ops", "between operators" if args.clock else "Python / dispatch"]
+    how = "each operator clocked below autograd" if args.clock else "torch.profiler"
     print(f"exp14 {args.size}, B={args.batch}, p={args.patch_size}, hw_p={args.hw_p}, {device}, "
-          f"{torch.get_num_threads()} threads; seconds per step (share of the step)")
+          f"{torch.get_num_threads()} threads, {how}; seconds per step (share of the step)")
     print("| | ours | ref_best |")
     print("|---|---|---|")
     for c in cats:
@@ -143,9 +232,20 @@ def main() -> None:
             cells.append(f"{t:.3f} ({100 * t / wall:.0f}%)")
         print(f"| {c} | {cells[0]} | {cells[1]} |")
     o, r = results["ours"][1], results["ref_best"][1]
-    print(f"| **step (profiled)** | **{o:.3f}** | **{r:.3f}** |")
-    print(f"| computing operators a step (each a kernel launch on a GPU) | {operators['ours']} | "
-          f"{operators['ref_best']} |")
+    if args.clock:
+        print(f"| **step (clocked)** | **{o:.3f}** | **{r:.3f}** |")
+        print(f"| step, plain (no clock) | {plains['ours']:.3f} | {plains['ref_best']:.3f} |")
+        print(f"| the clock's own cost (clocked − plain), inside \"between operators\" | "
+              f"{o - plains['ours']:.3f} | {r - plains['ref_best']:.3f} |")
+        print(f"| operator calls a step (views included) | {operators['ours']} | {operators['ref_best']} |")
+        peak = perf.measure_cpu_peak(fresh=True)
+        for name in ("ours", "ref_best"):
+            print(f"{name}'s GEMMs: {gemm_rates(clocks[name])}")
+        print(f"matmul peak probed now: {peak / 1e9:.0f} GFLOP/s")
+    else:
+        print(f"| **step (profiled)** | **{o:.3f}** | **{r:.3f}** |")
+        print(f"| computing operators a step (each a kernel launch on a GPU) | {operators['ours']} | "
+              f"{operators['ref_best']} |")
     print(f"work: ours {work.ours_total / 1e9:.1f} GFLOP, ref_best {work.ref_total / 1e9:.1f} GFLOP; "
           f"matmul-class FLOP/s: ours {work.ours_total / max(results['ours'][0].get('matmul', 0) + results['ours'][0].get('attention', 0), 1e-9) / 1e9:.0f} GFLOP/s, "
           f"ref_best {work.ref_total / max(results['ref_best'][0].get('matmul', 0) + results['ref_best'][0].get('attention', 0), 1e-9) / 1e9:.0f} GFLOP/s")

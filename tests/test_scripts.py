@@ -143,6 +143,64 @@ def test_profile_step_categories():
     assert {name: categorise(name) for name in expected} == expected
 
 
+def test_profile_step_clock_times_operators_and_gemms():
+    """`--clock`'s clock: every operator below autograd timed and sorted, each GEMM's FLOPs and
+    its warm repeats (which leave the step's values alone), the repeats' time kept apart."""
+    pytest.importorskip("olmoearth_pretrain")
+    mod = _load("profile_step")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 32, generator=g, requires_grad=True)
+    w, b = torch.randn(48, 32, generator=g, requires_grad=True), torch.randn(48, generator=g, requires_grad=True)
+
+    def step(inputs):
+        out = torch.nn.functional.gelu(torch.nn.functional.linear(inputs, w, b)) @ torch.ones(48, 8)
+        out.sum().backward()
+        return out.detach()
+
+    expected = step(x)
+    grads = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    per, plain, clocked, clock = mod.clock_steps(step, [x], steps=2)
+    with clock:  # once more under the same clock: values and gradients unchanged by the repeats
+        for t in (x, w, b):
+            t.grad = None
+        got = step(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for t, grad in zip((x, w, b), grads):
+        torch.testing.assert_close(t.grad, grad, rtol=0, atol=0)
+    # forward: addmm [96,32]x[32,48] and mm [96,48]x[48,8]; backward: the mm's input gradient,
+    # the linear's input and weight gradients (three steps: two timed, one checked)
+    flops = sorted({f for f, _, _ in clock.gemms})
+    assert 2.0 * 96 * 32 * 48 in flops and 2.0 * 96 * 48 * 8 in flops
+    assert len(clock.gemms) == 3 * 5
+    assert all(t > 0 and warm > 0 for _, t, warm in clock.gemms) and clock.repeats > 0
+    assert per["matmul"] > 0 and "elementwise / norms" in per and plain > 0 and clocked > 0
+    assert clock.calls["aten::mm"] + clock.calls["aten::addmm"] == 3 * 5
+    text = mod.gemm_rates(clock, min_flops=0)
+    assert "GFLOP/s in the step" in text and "repeated at once on warm operands" in text
+    assert mod.gemm_rates(mod._Clock()) == "no GEMMs"
+
+
+def test_profile_step_clock_end_to_end(tmp_path):
+    """`profile_step.py --clock` on a small step: the table, ours beside ref_best, and the GEMM
+    lines; on CUDA the flag is refused."""
+    pytest.importorskip("olmoearth_pretrain")
+    import subprocess
+    import sys
+
+    script = os.path.join(ROOT, "scripts", "profile_step.py")
+    proc = subprocess.run([sys.executable, script, "--size", "nano", "--batch", "2", "--steps", "1", "--clock"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "each operator clocked below autograd" in proc.stdout and "| **step (clocked)** |" in proc.stdout
+    assert "| between operators |" in proc.stdout and "ours's GEMMs:" in proc.stdout
+    assert "ref_best's GEMMs:" in proc.stdout and "matmul peak probed now:" in proc.stdout
+    proc = subprocess.run([sys.executable, script, "--clock", "--device", "cuda"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "--clock times operators on the host: CPU only" in proc.stderr
+
+
 def test_compare_loss_curves_self_runs(tmp_path):
     """`--compare self` end to end on a few steps: two copies of ours from the same weights, the
     JSON with both curves, the windows and the verdict."""
