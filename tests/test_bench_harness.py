@@ -50,6 +50,22 @@ def test_fake_varying_work_solo(bench):
     bench(step, group="varying solo", provider="varying", rounds=3, warmup=1, flops=work)
 
 
+def test_fake_settling(bench):  # a provider that grows the heap over its first three calls
+    import torch
+
+    held, calls = [], []
+
+    def growing():
+        calls.append(len(held))
+        if len(held) < 3:
+            held.append(torch.ones(16 << 20))  # 64 MiB written: pages touched for the first time
+        time.sleep(0.002)
+
+    bench.paired({"growing": growing, "steady": lambda: time.sleep(0.002)}, group="settle", rounds=2)
+    with open(os.environ["CALLS_OUT"] + ".settle", "w") as f:
+        json.dump(calls, f)
+
+
 def test_fake_from_times(bench, benchmark):  # times taken elsewhere (the ranks of a distributed run)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     bench.from_times({"ours": [1.0, 2.0, 3.0], "ref_best": [2.0, 4.0, 6.5]}, group="external", world_size=2)
@@ -67,8 +83,9 @@ def test_paired_timing(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "interleaved over 4 rounds" in done.stdout
     calls = json.loads((tmp_path / "calls.json").read_text())
-    # one warm-up call each, then rounds in alternating order
-    assert calls["calls"] == ["fast", "slow"] + ["fast", "slow", "slow", "fast"] * 2
+    # warm-up calls until two in a row page-faulted little (here the first two), then rounds in
+    # alternating order
+    assert calls["calls"] == ["fast", "fast", "slow", "slow"] + ["fast", "slow", "slow", "fast"] * 2
     results = json.loads((tmp_path / "run.json").read_text())["results"]
     records = {r["provider"]: r for r in results if r["group"] == "fake"}
     assert set(records) == {"fast", "slow"}
@@ -83,6 +100,12 @@ def test_paired_timing(tmp_path):
     assert records["fast"]["device_peak_flop_s"] == statistics.median(probes)
     assert records["fast"]["peak_fraction"] == records["fast"]["flop_s"] / statistics.median(probes)
     assert "matmul peak probed beside the rounds" in done.stdout
+    assert records["fast"]["warmup_calls"] == {"fast": 2, "slow": 2}
+    # a provider still growing the heap is warmed up until it stops: three growing calls, then
+    # two quiet ones; the timed rounds see none of the growth
+    settle = {r["provider"]: r for r in results if r["group"] == "settle"}
+    assert settle["growing"]["warmup_calls"] == {"growing": 5, "steady": 2}
+    assert json.loads(Path(str(tmp_path / "calls.json") + ".settle").read_text()) == [0, 1, 2, 3, 3, 3, 3]
     external = {r["provider"]: r for r in results if r["group"] == "external"}
     assert external["ours"]["median_s"] == 2.0 and external["ref_best"]["median_s"] == 4.0
     assert external["ours"]["speedup_vs_ref_best"] == 2.0 and external["ref_best"]["round_ratio_median"] == 2.0
