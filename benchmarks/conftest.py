@@ -13,11 +13,11 @@ Every benchmark goes through the `bench` fixture:
   interleaved, one call of each per round (the order reversed every other round), for ratios
   that a drifting machine cannot skew; each provider gets its own record. On CPU each round
   also probes the matmul peak, and those records' fractions are against the probes' median.
-* Before its timed rounds every provider is called untimed (``warmup=`` times), and on until two
-  calls in a row page-fault fewer than 1024 pages (at most 8 calls, `_warm_up`): a step whose
-  tensors change size grows the CPU heap over its first calls, and timing those would charge
-  the kernel's first touch of new pages to whichever provider grows later. Each record says how
-  many warm-up calls it took (``warmup_calls``).
+* Before its timed rounds every provider is called untimed (``warmup=`` times), and on CPU on
+  until two calls in a row page-fault fewer than 1024 pages (at most 8 calls, `_warm_up`): a
+  step whose tensors change size grows the CPU heap over its first calls, and timing those would
+  charge the kernel's first touch of new pages to whichever provider grows later. Each record
+  says how many warm-up calls it took (``warmup_calls``).
 * Each record carries provenance (device, torch/triton versions, git SHA, date) and the
   keyword arguments (shapes, dtype) in `extra_info`, so `--benchmark-json` is self-describing.
 * At the end of the session a table prints, per group, every provider's median and its
@@ -135,9 +135,11 @@ def _warm_up(call, minimum: int) -> int:
     kernel's first touch of the new pages (2.6-3.5 µs a page on the 2-core VMs). The reference's
     tiny step faulted 27-66K pages in its first two or three timed rounds after one warm-up
     call (0.2-0.3 s of a 3.2 s step), ours none, which tilted the ratio its way; timed rounds
-    start once both have settled."""
+    start once both have settled. On a GPU (whose tensors live in the caching allocator, and
+    whose device time is scarce) the ``minimum`` only."""
     calls, quiet = 0, 0
-    while minimum > 0 and calls < MAX_WARMUP and (calls < minimum or quiet < 2):
+    settle = 0 if ON_GPU else 2
+    while minimum > 0 and (calls < minimum or (calls < MAX_WARMUP and quiet < settle)):
         before = _page_faults()
         call()
         calls += 1
