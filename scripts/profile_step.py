@@ -174,7 +174,8 @@ def main() -> None:
     ap.add_argument("--patch-size", type=int, default=4)
     ap.add_argument("--hw-p", type=int, default=6)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--top", type=int, default=0, help="also print the N operators of largest self time")
+    ap.add_argument("--top", type=int, default=0,
+                    help="also print the N operators of largest self time (with --clock: clocked time)")
     ap.add_argument("--clock", action="store_true",
                     help="CPU: time each operator with a clock instead of the profiler; GEMMs also timed warm")
     args = ap.parse_args()
@@ -213,6 +214,13 @@ def main() -> None:
                 per["between operators"] = max(clocked - sum(per.values()), 0.0)
                 results[name] = per, clocked
                 operators[name] = sum(clocks[name].calls.values()) // args.steps
+                if args.top:
+                    print(f"{name}: the {args.top} operators of largest clocked time, seconds per step (share), "
+                          f"calls per step")
+                    for op, t in sorted(clocks[name].seconds.items(), key=lambda kv: -kv[1])[:args.top]:
+                        t /= args.steps
+                        print(f"  {t:8.4f} s  {100 * t / clocked:4.1f}%  {clocks[name].calls[op] // args.steps:5d}  "
+                              f"[{categorise(op)}] {op}")
                 continue
             if args.top:
                 print(f"{name}: the {args.top} operators of largest self time, seconds per step (share)")

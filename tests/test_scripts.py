@@ -190,12 +190,14 @@ def test_profile_step_clock_end_to_end(tmp_path):
     import sys
 
     script = os.path.join(ROOT, "scripts", "profile_step.py")
-    proc = subprocess.run([sys.executable, script, "--size", "nano", "--batch", "2", "--steps", "1", "--clock"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    args = ["--size", "nano", "--batch", "2", "--steps", "1", "--clock", "--top", "3"]
+    proc = subprocess.run([sys.executable, script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "each operator clocked below autograd" in proc.stdout and "| **step (clocked)** |" in proc.stdout
     assert "| between operators |" in proc.stdout and "ours's GEMMs:" in proc.stdout
     assert "ref_best's GEMMs:" in proc.stdout and "matmul peak probed now:" in proc.stdout
+    assert "ours: the 3 operators of largest clocked time" in proc.stdout
+    assert "[matmul] aten::mm" in proc.stdout or "[matmul] aten::addmm" in proc.stdout
     proc = subprocess.run([sys.executable, script, "--clock", "--device", "cuda"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0 and "--clock times operators on the host: CPU only" in proc.stderr
