@@ -134,7 +134,7 @@ def _warm_up(call, minimum: int) -> int:
     batches) grows the CPU heap over its first calls, and each call that grows it pays the
     kernel's first touch of the new pages (2.6-3.5 µs a page on the 2-core VMs). The reference's
     tiny step faulted 27-66K pages in its first two or three timed rounds after one warm-up
-    call (0.2-0.3 s of a 3.2 s step), ours none, which tilted the ratio its way; timed rounds
+    call (0.2-0.3 s of a 3.2 s step), ours none, which tilted the ratio our way; timed rounds
     start once both have settled. On a GPU (whose tensors live in the caching allocator, and
     whose device time is scarce) the ``minimum`` only."""
     calls, quiet = 0, 0
