@@ -1,5 +1,5 @@
 // AVX-512 helpers shared by the CPU kernels (segment_attention.cpp, bias_gelu.cpp,
-// resize_patches.cpp, transpose.cpp).
+// residual_norm.cpp, resize_patches.cpp, transpose.cpp).
 //
 // The kernels are compiled for any x86-64 host with a target attribute (no -mavx512f for the
 // whole file) and run only where `cpu_has_avx512()`; elsewhere (no AVX-512F, a non-x86 build, or

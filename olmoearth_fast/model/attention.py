@@ -15,7 +15,9 @@ sample ends. Backends, picked per call:
 Never the (Σ len)² of one block-diagonal mask over the whole batch.
 
 Block = pre-norm attention (separate q/k/v Linear with bias) + GELU MLP, each branch with
-per-sample DropPath (one Bernoulli per sample and branch, same rate in every block). The Linear
+per-sample DropPath (one Bernoulli per sample and branch, same rate in every block). Between
+blocks the residual stream travels as a `Stream`, its last branch not yet added: the next
+LayerNorm adds it (`ops.residual_norm`, one C++ pass on CPU; `run_blocks`). The Linear
 layers run `ops.linear` (on AMD CPUs in fp32 oneDNN's inner product, elsewhere PyTorch's Linear);
 on CPU (fp32) the MLP adds fc1's bias inside the GELU pass (`ops.bias_gelu`, C++); elsewhere
 PyTorch's Linear → GELU.
@@ -33,6 +35,7 @@ from olmoearth_fast.ops import forced_kernels
 from olmoearth_fast.ops.bias_gelu import bias_gelu, uses_kernel
 from olmoearth_fast.ops.linear import linear
 from olmoearth_fast.ops.packing import gather_rows
+from olmoearth_fast.ops.residual_norm import residual_add, residual_norm
 from olmoearth_fast.ops.segment_attention import segment_attention, unpack_qkv
 
 try:  # torch >= 2.10
@@ -198,6 +201,30 @@ def drop_path(x: Tensor, seg: Segments, rate: float, training: bool, keep: Tenso
     return x * sample_keep[seg.sample_ids, None]
 
 
+@dataclass
+class Stream:
+    """The residual stream between pre-norm blocks, its last branch not yet added:
+    ``x + alpha·r`` (r at the rows ``rows`` of x, every row if None; no branch if ``r`` is None).
+
+    Every LayerNorm of a pre-norm block reads the stream right after a branch was added to it, so
+    the add is left to that LayerNorm (`norm`: `ops.residual_norm`, one pass on CPU instead of
+    the add, the DropPath factor, the kept rows' gather and the norm, each way)."""
+
+    x: Tensor
+    r: Tensor | None = None
+    rows: Tensor | None = None
+    alpha: float = 1.0
+
+    def norm(self, ln: nn.LayerNorm, rows: Tensor | None = None) -> tuple[Stream, Tensor]:
+        """(the stream with its branch added, ``ln`` of its rows ``rows`` (every row if None))."""
+        s, y = residual_norm(self.x, self.r, ln.weight, ln.bias, ln.eps, self.rows, self.alpha, rows)
+        return Stream(s), y
+
+    def settle(self) -> Tensor:
+        """The stream as one tensor, its branch added."""
+        return residual_add(self.x, self.r, self.rows, self.alpha)
+
+
 class Block(nn.Module):
     """Pre-norm block; with ``y`` it is the decoder's cross-attention-only block (no LN on y)."""
 
@@ -213,30 +240,58 @@ class Block(nn.Module):
                 drops=None) -> Tensor:
         """``drops``: this block's (attention, MLP) `model.plan.BranchDrop` draws made on the
         host (self-attention blocks in training), else DropPath draws here."""
-        if drops is None or not self.training:
-            x = x + drop_path(self.attn(self.norm1(x), seg, y, y_seg), seg, self.drop_path, self.training)
-            return x + drop_path(self.mlp(self.norm2(x)), seg, self.drop_path, self.training)
-        if y is not None:
+        return self.stream(Stream(x), seg, y, y_seg, drops).settle()
+
+    def stream(self, st: Stream, seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None,
+               drops=None) -> Stream:
+        """The block on a `Stream`; the MLP's output is left for the next LayerNorm to add."""
+        host = drops is not None and self.training
+        if host and y is not None:
             raise ValueError("Block: host-drawn DropPath is for self-attention blocks (no context y)")
-        x = _residual(x, seg, drops[0], lambda xs, sg: self.attn(self.norm1(xs), sg))
-        return _residual(x, seg, drops[1], lambda xs, sg: self.mlp(self.norm2(xs)))
+        st = self._branch(st, seg, self.norm1, lambda h, sg: self.attn(h, sg, y, y_seg), drops[0] if host else None)
+        return self._branch(st, seg, self.norm2, lambda h, sg: self.mlp(h), drops[1] if host else None)
+
+    def _branch(self, st: Stream, seg: Segments, norm: nn.LayerNorm, branch, drop) -> Stream:
+        """``st`` plus DropPath(branch(norm(st))), the sum left to the next LayerNorm.
+
+        With a host draw ``drop`` (`model.plan.BranchDrop`) where some samples drop the branch,
+        it runs on the kept samples' rows only, which are then the only rows it is added to: the
+        FLOPs of the dropped samples (a fraction ``rate`` of the branch's work, in expectation)
+        are skipped, values and gradients are the same; compiled blocks too (their shapes are
+        dynamic, so other kept row counts reuse the graph). Where all or none keep it: the branch
+        on every row, times the factor (0 where none keeps it, so that its parameters still get a
+        gradient, zero, as the reference's). A draw without a factor, or none: the per-sample
+        `drop_path`.
+        """
+        rows = None if drop is None else drop.rows
+        st, h = st.norm(norm, rows)
+        out = branch(h, seg if rows is None else drop.seg)
+        if drop is not None and drop.factor is not None:
+            return Stream(st.x, out, rows, drop.factor)
+        if drop is not None:
+            return Stream(st.x + drop_path(out, seg, drop.rate, True, drop.keep))
+        if self.drop_path == 0.0 or not self.training:
+            return Stream(st.x, out)
+        return Stream(st.x + drop_path(out, seg, self.drop_path, True))
 
 
-def _residual(x: Tensor, seg: Segments, drop, branch) -> Tensor:
-    """``x + DropPath(branch(x))`` with the host-drawn ``drop`` (`model.plan.BranchDrop`).
+def run_blocks(blocks, x: Tensor, seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None,
+               drops: list | None = None, norm: nn.LayerNorm | None = None) -> Tensor:
+    """``blocks`` in turn on ``x`` (with context ``y`` for cross-attention blocks; ``drops[i]``
+    block i's host DropPath draws), then ``norm`` if given.
 
-    Where some samples drop the branch, it runs on the kept samples' rows only and is added back
-    to them: the FLOPs of the dropped samples (a fraction ``rate`` of the branch's work, in
-    expectation) are skipped, values and gradients are the same; compiled blocks too (their shapes
-    are dynamic, so other kept row counts reuse the graph). Where all or none keep it: the branch
-    on every row, times the per-sample factor, as `drop_path`.
-    """
-    if drop.rows is None:
-        return x + drop_path(branch(x, seg), seg, drop.rate, True, drop.keep)
-    out = branch(gather_rows(x, drop.rows), drop.seg)
-    # the kept samples' factor in the branch output's dtype (bf16 under autocast), as `drop_path`
-    scale = torch.ones((), dtype=out.dtype, device=out.device) / (1.0 - drop.rate)
-    return x.index_add(0, drop.rows, (out * scale).to(x.dtype))
+    Eager, the stream passes from block to block as a `Stream`, each residual add done by the
+    next LayerNorm (`ops.residual_norm`; the last one by ``norm``). A compiled block
+    (`torch.compile`d module, `trainer.compile`) is called as the module: inside its graph the
+    compiler fuses the adds itself."""
+    st = Stream(x)
+    for i, blk in enumerate(blocks):
+        d = None if drops is None else drops[i]
+        if getattr(blk, "_compiled_call_impl", None) is not None:
+            st = Stream(blk(st.settle(), seg, y, y_seg, d))
+        else:
+            st = blk.stream(st, seg, y, y_seg, d)
+    return st.settle() if norm is None else st.norm(norm)[1]
 
 
 def init_linear_xavier(module: nn.Module) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from olmoearth_fast.modalities import MaskValue, TokenizationConfig
-from olmoearth_fast.model.attention import Block, init_linear_xavier
+from olmoearth_fast.model.attention import Block, init_linear_xavier, run_blocks
 from olmoearth_fast.model.bandset_merge import BandsetUnmerge
 from olmoearth_fast.model.encoder import Packed, pack_positions
 from olmoearth_fast.model.encodings import CompositeEncodings
@@ -70,9 +70,8 @@ class Decoder(nn.Module):
         context, ctx_seg = self._context(enc, layout, mask, timestamps, patch_size)
         _, index, seg = pack_positions(None, mask == MaskValue.DECODER, plan)
         q = self.mask_token + self.composite_encodings(layout, timestamps, patch_size, positions=index)
-        for blk in self.blocks:
-            q = blk(q, seg, context, ctx_seg)
-        out = linear(self.norm(q), self.to_output_embed.weight, self.to_output_embed.bias)
+        q = run_blocks(self.blocks, q, seg, context, ctx_seg, norm=self.norm)
+        out = linear(q, self.to_output_embed.weight, self.to_output_embed.bias)
         return Packed(out, index, seg, layout, mask)
 
 

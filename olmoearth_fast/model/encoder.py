@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from olmoearth_fast.modalities import MaskValue, TokenizationConfig
-from olmoearth_fast.model.attention import Block, Segments, init_linear_xavier
+from olmoearth_fast.model.attention import Block, Segments, init_linear_xavier, run_blocks
 from olmoearth_fast.model.bandset_merge import BandsetMerge
 from olmoearth_fast.model.encodings import CompositeEncodings
 from olmoearth_fast.model.layout import Segment, TokenLayout
@@ -102,7 +102,8 @@ class Encoder(nn.Module):
         new_layout = merged_layout(layout, tuple(m for m in self.bandset_merge if m in per_tok))
         return new_layout.flatten(per_tok), new_layout, new_layout.flatten(per_mask)
 
-    def _blocks(self, x: Tensor, seg: Segments, blocks, drops: list | None = None) -> Tensor:
+    def _blocks(self, x: Tensor, seg: Segments, blocks, drops: list | None = None,
+                norm: nn.LayerNorm | None = None) -> Tensor:
         ragged = not self.training and self.eval_attend_padding
         if ragged:
             # reference eval quirk: padded rows (zeros) are real rows that every block updates
@@ -113,8 +114,7 @@ class Encoder(nn.Module):
             seg_run = Segments.from_cu_seqlens(cu, b * length, length)
         else:
             seg_run = seg
-        for i, blk in enumerate(blocks):
-            x = blk(x, seg_run, drops=None if drops is None else drops[i])
+        x = run_blocks(blocks, x, seg_run, drops=drops, norm=norm)
         if ragged:
             # the final norm is per token, so it commutes with dropping the padding rows
             x = gather_rows(x, unpad_index)
@@ -151,10 +151,9 @@ class Encoder(nn.Module):
             full = scatter_rows(x, index, b * n).unflatten(0, (b, n))
             full, layout, mask = self._merge(full, layout, mask)
             x, index, seg = pack_positions(full, mask == MaskValue.ONLINE_ENCODER)
-            x = self._blocks(x, seg, self.blocks[k:])
+            x = self._blocks(x, seg, self.blocks[k:], norm=self.norm)
         else:
-            x = self._blocks(x, seg, self.blocks, drops)
-        x = self.norm(x)
+            x = self._blocks(x, seg, self.blocks, drops, norm=self.norm)
         out = Packed(x, index, seg, layout, mask)
         return out, self.pool(out)
 

@@ -158,6 +158,10 @@ class BranchDrop:
     rate: float
     rows: Tensor | None = None
     seg: Segments | None = None
+    # the factor of the branch output at the rows that add it, a host float (`from_keep`):
+    # `keep_factor(rate)` where some sample keeps the branch, 0 where none does; None: the
+    # per-sample multiply by ``keep`` (`model.attention.drop_path`)
+    factor: float | None = None
 
     @classmethod
     def draw(cls, seg: Segments, rate: float, generator: torch.Generator | None = None) -> BranchDrop:
@@ -172,7 +176,7 @@ class BranchDrop:
         microbatch."""
         kept = keep.numpy()
         if kept.all() or not kept.any():
-            return cls(keep, rate)
+            return cls(keep, rate, factor=keep_factor(rate) if kept.any() else 0.0)
         cu = np.asarray(seg.host(), dtype=np.int64)
         starts, lengths = cu[:-1][kept], np.diff(cu)[kept]
         cu_kept = np.zeros(len(lengths) + 1, dtype=np.int32)
@@ -183,30 +187,36 @@ class BranchDrop:
         sub = Segments(torch.from_numpy(cu_kept),
                        torch.from_numpy(np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)),
                        int(lengths.max()), None, cu_kept.tolist())
-        return cls(keep, rate, torch.from_numpy(rows), sub)
+        return cls(keep, rate, torch.from_numpy(rows), sub, keep_factor(rate))
 
     @classmethod
     def from_keep_ref(cls, seg: Segments, keep: Tensor, rate: float) -> BranchDrop:
         """`from_keep` with a torch op per kept sample."""
         kept = keep.tolist()
         if all(kept) or not any(kept):
-            return cls(keep, rate)
+            return cls(keep, rate, factor=keep_factor(rate) if any(kept) else 0.0)
         cu = seg.host()
         lengths = [cu[i + 1] - cu[i] for i in range(seg.batch) if kept[i]]
         rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in range(seg.batch) if kept[i]])
         cu_kept = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         sub = Segments.from_cu_seqlens(cu_kept, rows.shape[0], max(lengths))
         sub._host = cu_kept.tolist()
-        return cls(keep, rate, rows, sub)
+        return cls(keep, rate, rows, sub, keep_factor(rate))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> BranchDrop:
         return BranchDrop(self.keep.to(device, non_blocking=non_blocking), self.rate,
                           None if self.rows is None else self.rows.to(device, non_blocking=non_blocking),
-                          None if self.seg is None else self.seg.to(device, non_blocking))
+                          None if self.seg is None else self.seg.to(device, non_blocking), self.factor)
 
     def pin_memory(self) -> BranchDrop:
         return BranchDrop(self.keep.pin_memory(), self.rate, None if self.rows is None else self.rows.pin_memory(),
-                          None if self.seg is None else self.seg.pin_memory())
+                          None if self.seg is None else self.seg.pin_memory(), self.factor)
+
+
+def keep_factor(rate: float) -> float:
+    """A kept branch's DropPath factor 1/(1 − rate), rounded to fp32 as PyTorch's fp32
+    ``torch.ones(()) / (1 - rate)`` rounds it (an IEEE fp32 division)."""
+    return float(np.float32(1.0) / np.float32(1.0 - rate))
 
 
 def draw_drop_path(seg: Segments, depth: int, rate: float,

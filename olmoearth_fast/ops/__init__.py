@@ -1,7 +1,8 @@
 """One public function per op, in the module of the same name, its reference beside it; each
 picks Triton / C++ / reference by device: `ops.packing` (pack, unpack, merge indexing),
 `ops.patch_embed` (its effective-kernel maths in `ops.patch_embed_plan`), `ops.band_dropout`,
-`ops.masked_neg_loss`, the CPU C++ ops `ops.segment_attention` and `ops.bias_gelu`, and
+`ops.masked_neg_loss`, the CPU C++ ops `ops.segment_attention`, `ops.bias_gelu` and
+`ops.residual_norm`, and
 `ops.linear` (oneDNN's inner product for the blocks' Linear layers on CPU) with the C++
 `ops.transpose` its gradients use.
 (Functions are not re-exported here: `patch_embed` and `masked_neg_loss` would shadow their

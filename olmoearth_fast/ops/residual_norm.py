@@ -1,0 +1,103 @@
+"""The residual add and the LayerNorm after it, in one pass on CPU (C++ op in csrc/).
+
+``residual_norm(x, r, weight, bias, eps, r_rows, alpha, y_rows) -> (s, y)``:
+
+* ``s = x + alpha·r``: the branch output ``r`` times the DropPath factor ``alpha`` (a host
+  float: 1, 0, or 1/(1 − rate) rounded to fp32), added to every row of the residual stream
+  ``x [T, D]``, or with ``r_rows [R]`` (int64, distinct) to those rows only (r is ``[R, D]``:
+  the rows of the samples that kept the branch);
+* ``y = LayerNorm(s)`` of every row, or with ``y_rows [Ry]`` of those rows only (the next
+  branch's input, for the samples that keep it).
+
+A pre-norm block's LayerNorm always reads the stream right after a branch was added, so the
+blocks carry the stream with its last branch not yet added (`model.attention.Stream`) and each
+LayerNorm adds it: `residual_norm`. On CPU in fp32 (eager, AVX-512F) that is the C++ op
+(``torch.ops.olmoearth_fast.residual_norm_fwd`` / ``_bwd``): one pass over the rows each way
+instead of about ten separate ones. Elsewhere (CUDA, where `torch.compile` fuses it; autocast,
+other dtypes, ``OLMOEARTH_FAST_KERNELS=pytorch``) `residual_norm_ref`: the PyTorch ops, with the
+factor rounded in the branch's dtype (bf16 under autocast) as `model.attention.drop_path` does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from olmoearth_fast import _C  # noqa: F401  (loads the C++ library: registers the ops)
+from olmoearth_fast.ops import eager_cpu_fp32
+from olmoearth_fast.ops.packing import gather_rows
+
+_ops = torch.ops.olmoearth_fast
+
+
+@functools.cache
+def kernel_available() -> bool:
+    """Whether this CPU runs the C++ kernel (AVX-512F)."""
+    return bool(_ops.residual_norm_available())
+
+
+def uses_kernel(x: Tensor) -> bool:
+    """Whether a residual stream like ``x`` takes `residual_norm`'s C++ op."""
+    return eager_cpu_fp32(x) and kernel_available()
+
+
+class _ResidualNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, r, weight, bias, r_rows, y_rows, alpha, eps):
+        s, y, mean, rstd = _ops.residual_norm_fwd(x, r, r_rows, alpha, weight, bias, y_rows, eps)
+        ctx.save_for_backward(s, mean, rstd, weight)
+        ctx.rows = (r_rows, y_rows, alpha, r.shape[0])
+        ctx.set_materialize_grads(False)  # s unused downstream (a final norm): no zeros to read
+        return s, y
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        s, mean, rstd, weight = ctx.saved_tensors
+        r_rows, y_rows, alpha, r_count = ctx.rows
+        if dy is None:
+            dy = s.new_zeros(mean.shape[0], s.shape[1])
+        dx, dr, dw, db = _ops.residual_norm_bwd(None if ds is None else ds.contiguous(), dy.contiguous(), s, mean,
+                                                rstd, weight, r_rows, y_rows, alpha, r_count)
+        return dx, dr, dw, db, None, None, None, None
+
+
+def residual_norm(x: Tensor, r: Tensor | None, weight: Tensor, bias: Tensor, eps: float,
+                  r_rows: Tensor | None = None, alpha: float = 1.0, y_rows: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """``(s, y)``: the stream ``s = x + alpha·r`` (r at the rows ``r_rows``, every row if None;
+    ``r`` None: ``s = x``) and ``y = layer_norm(s[y_rows])`` (every row if None), the C++ op
+    where `uses_kernel`."""
+    d = x.shape[-1]
+    want_r = x.shape[0] if r_rows is None else r_rows.shape[0]
+    if (x.dim() != 2 or weight.shape != (d,) or bias.shape != (d,)
+            or (r is not None and (r.dim() != 2 or r.shape != (want_r, d)))):
+        raise ValueError(f"residual_norm: x {tuple(x.shape)}, r {None if r is None else tuple(r.shape)} "
+                         f"({'every row' if r_rows is None else f'{want_r} rows'}), weight {tuple(weight.shape)}, "
+                         f"bias {tuple(bias.shape)} do not fit (x [T, D], r [T or len(r_rows), D], weight, bias [D])")
+    if (r is None or not uses_kernel(x) or r.dtype != torch.float32 or weight.dtype != torch.float32
+            or bias.dtype != torch.float32 or x.shape[0] == 0 or (r_rows is not None and r_rows.device != x.device)):
+        return residual_norm_ref(x, r, weight, bias, eps, r_rows, alpha, y_rows)
+    return _ResidualNorm.apply(x.contiguous(), r.contiguous(), weight.contiguous(), bias.contiguous(), r_rows, y_rows,
+                               float(alpha), float(eps))
+
+
+def residual_add(x: Tensor, r: Tensor | None, r_rows: Tensor | None = None, alpha: float = 1.0) -> Tensor:
+    """``x + alpha·r`` (r at the rows ``r_rows``), in PyTorch ops: the factor rounded in r's
+    dtype, the sum in x's."""
+    if r is None:
+        return x
+    if alpha != 1.0:
+        r = r * torch.full((), alpha, dtype=r.dtype, device=r.device)
+    return x + r if r_rows is None else x.index_add(0, r_rows, r.to(x.dtype))
+
+
+def residual_norm_ref(x: Tensor, r: Tensor | None, weight: Tensor, bias: Tensor, eps: float,
+                      r_rows: Tensor | None = None, alpha: float = 1.0, y_rows: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """`residual_add`, then the rows ``y_rows`` (`ops.packing.gather_rows`), then PyTorch's LayerNorm."""
+    s = residual_add(x, r, r_rows, alpha)
+    h = s if y_rows is None else gather_rows(s, y_rows)
+    return s, F.layer_norm(h, h.shape[-1:], weight, bias, eps)
