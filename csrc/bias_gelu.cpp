@@ -39,7 +39,11 @@ OEF_AVX512 inline Gelu gelu512(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
   const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
   const __m512 az = _mm512_abs_ps(z);
-  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), az, one));
+  // t = 1 / (1 + p·|z|): the 14-bit reciprocal estimate and one Newton step (relative error
+  // ~1e-8, below erf's own 1.5e-7) instead of a division, whose throughput bounded the pass
+  const __m512 den = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), az, one);
+  const __m512 t0 = _mm512_rcp14_ps(den);
+  const __m512 t = _mm512_mul_ps(t0, _mm512_fnmadd_ps(den, t0, _mm512_set1_ps(2.0f)));
   __m512 r = _mm512_set1_ps(1.061405429f);
   r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-1.453152027f));
   r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
