@@ -91,46 +91,50 @@ OEF_AVX512 inline void scale_row(float* x, int d, float f) {
   for (int c = 0; c < d; c += 16) _mm512_storeu_ps(x + c, _mm512_mul_ps(_mm512_loadu_ps(x + c), _mm512_set1_ps(f)));
 }
 
+// Keys j..j+16·KV of rows_times_bt: each broadcast of a row's element feeds KV FMAs.
+template <int D, int NR, int KV, bool kMax>
+OEF_AVX512 inline void key_block(const float* const* a, const float* bt, int64_t lp, int64_t nk, int64_t j, float* s,
+                                 __m512* m) {
+  __m512 acc[NR][KV];
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < KV; ++u) acc[r][u] = _mm512_setzero_ps();
+  for (int c = 0; c < D; ++c) {
+    __m512 b[KV];
+    for (int u = 0; u < KV; ++u) b[u] = _mm512_loadu_ps(bt + c * lp + j + 16 * u);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 ar = _mm512_set1_ps(a[r][c]);
+      for (int u = 0; u < KV; ++u) acc[r][u] = _mm512_fmadd_ps(ar, b[u], acc[r][u]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < KV; ++u) {
+      _mm512_storeu_ps(s + r * lp + j + 16 * u, acc[r][u]);
+      if (kMax) m[r] = _mm512_mask_max_ps(m[r], tail_mask(j + 16 * u, nk), m[r], acc[r][u]);
+    }
+}
+
 // s[r][j] = Σ_c a_r[c] · bt[c][j] for NR rows a_r against the transposed [D][lp] matrix bt (lp a
-// multiple of 16, zero padded past the nk keys): keys 32 at a time, then 16. With kMax, also
-// mx[r] = max over the nk keys of s[r][·] (taken from the registers: no second pass).
+// multiple of 16, zero padded past the nk keys): keys 64 at a time where the NR × 4 accumulators
+// and the 4 key vectors fit the 32 vector registers (4 loads + NR broadcasts per 4·NR FMAs,
+// against 2 + NR per 2·NR 32 at a time: at tiny's shapes the backward's two passes ran 1.24× as
+// fast on one thread), else 32; then 32 and 16 for the rest. With kMax, also mx[r] = max over the
+// nk keys of s[r][·]: from the registers where the running maxima fit beside the accumulators,
+// else (6 rows, 64 keys) from s afterwards (a pass over NR·lp floats in L1).
 template <int D, int NR, bool kMax>
 OEF_AVX512 void rows_times_bt(const float* const* a, const float* bt, int64_t lp, int64_t nk, float* s, float* mx) {
+  constexpr bool kWide = 4 * NR + 4 + 1 <= 32;
+  constexpr bool kMaxInRegisters = kMax && (!kWide || 4 * NR + 4 + 1 + NR <= 32);
   __m512 m[NR];
   for (int r = 0; r < NR; ++r) m[r] = _mm512_set1_ps(kNegInf);
   int64_t j = 0;
-  for (; j + 32 <= lp; j += 32) {  // 32 keys a step: each broadcast feeds two FMAs
-    __m512 acc[NR][2];
-    for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int c = 0; c < D; ++c) {
-      const __m512 b0 = _mm512_loadu_ps(bt + c * lp + j), b1 = _mm512_loadu_ps(bt + c * lp + j + 16);
-      for (int r = 0; r < NR; ++r) {
-        const __m512 ar = _mm512_set1_ps(a[r][c]);
-        acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < NR; ++r) {
-      _mm512_storeu_ps(s + r * lp + j, acc[r][0]);
-      _mm512_storeu_ps(s + r * lp + j + 16, acc[r][1]);
-      if (kMax) {  // j + 16 < nk here (lp < nk + 16)
-        m[r] = _mm512_mask_max_ps(m[r], tail_mask(j, nk), m[r], acc[r][0]);
-        m[r] = _mm512_mask_max_ps(m[r], tail_mask(j + 16, nk), m[r], acc[r][1]);
-      }
-    }
-  }
-  for (; j < lp; j += 16) {
-    __m512 acc[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
-    for (int c = 0; c < D; ++c) {
-      const __m512 b = _mm512_loadu_ps(bt + c * lp + j);
-      for (int r = 0; r < NR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r][c]), b, acc[r]);
-    }
-    for (int r = 0; r < NR; ++r) {
-      _mm512_storeu_ps(s + r * lp + j, acc[r]);
-      if (kMax) m[r] = _mm512_mask_max_ps(m[r], tail_mask(j, nk), m[r], acc[r]);
-    }
-  }
+  if (kWide)
+    for (; j + 64 <= lp; j += 64) key_block<D, NR, 4, kMaxInRegisters>(a, bt, lp, nk, j, s, m);
+  for (; j + 32 <= lp; j += 32) key_block<D, NR, 2, kMaxInRegisters>(a, bt, lp, nk, j, s, m);
+  for (; j < lp; j += 16) key_block<D, NR, 1, kMaxInRegisters>(a, bt, lp, nk, j, s, m);
+  if (kMax && !kMaxInRegisters)
+    for (int r = 0; r < NR; ++r)
+      for (int64_t k = 0; k < lp; k += 16)
+        m[r] = _mm512_mask_max_ps(m[r], tail_mask(k, nk), m[r], _mm512_loadu_ps(s + r * lp + k));
   if (kMax)
     for (int r = 0; r < NR; ++r) mx[r] = _mm512_reduce_max_ps(m[r]);
 }
