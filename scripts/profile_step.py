@@ -1,6 +1,7 @@
 """Where the time of one exp14 training step goes: ours next to the reference's fastest config.
 
     python scripts/profile_step.py --size tiny --batch 8 [--steps 2] [--device cpu|cuda] [--top N] [--clock]
+    python scripts/profile_step.py --size tiny --batch 8 --steps 12 --toggle residual_norm
 
 Runs the `benchmarks/bench_train_step.py` setup (same weights, same masked batches, exp14,
 p=4, hw_p=6 on CPU) under `torch.profiler` for ``--steps`` steps after a warm-up step and sorts
@@ -12,6 +13,11 @@ kernels). Prints one Markdown table, ending with the number of computing operato
 step (views excluded; on a GPU each launches a kernel, so with small matmuls the host's
 dispatch of them can bound the step).
 On CUDA the device time of each kernel is used instead (self CUDA time).
+
+``--toggle NAME`` (e.g. ``residual_norm``): ours only, step by step with ``ops.NAME``'s kernel on
+and off in turn (on, off, off, on, ...; its ``kernel_available`` patched, so the op takes its
+reference path, the PyTorch ops), ``--steps`` rounds after a warm-up step on each batch in each
+state: what that kernel saves in the step, side by side on a drifting machine.
 
 ``--clock`` (CPU): no profiler. torch.profiler inflates the step (tiny: ~1.47 s profiled against
 1.13-1.25 s timed) and the self time of small C++ ops most. Instead each operator below autograd
@@ -26,7 +32,9 @@ gap is what the memory system costs the step's GEMMs, which a square matmul peak
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -159,6 +167,40 @@ def gemm_rates(clock: _Clock, min_flops: float = 1e8) -> str:
             f"10/50/90% {q[0]:.0f}/{q[1]:.0f}/{q[2]:.0f}), {warm / 1e9:.0f} GFLOP/s repeated at once on warm operands")
 
 
+def toggle_steps(step, batches, rounds: int, module) -> dict[str, list[float]]:
+    """Seconds of each round of ``step`` with ``module``'s kernel on and off (``module.kernel_available``
+    patched), in turn: on, off, then off, on, ...; after a warm-up step on each batch in each state."""
+    original = module.kernel_available
+    state = {"on": True}
+    module.kernel_available = lambda: state["on"] and original()
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        for on in (True, False):
+            state["on"] = on
+            for batch in batches:
+                step(batch)
+        for i in range(rounds):
+            for name in ("on", "off") if i % 2 == 0 else ("off", "on"):
+                state["on"] = name == "on"
+                t0 = time.perf_counter()
+                step(batches[i % len(batches)])
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        module.kernel_available = original
+    return times
+
+
+def toggle_report(times: dict[str, list[float]]) -> str:
+    """The toggle's table: median and fastest step each way, and off / on per round (its median)."""
+    ratios = sorted(off / on for on, off in zip(times["on"], times["off"]))
+    lines = ["| | kernel on | kernel off |", "|---|---|---|"]
+    for what, f in (("median step", statistics.median), ("fastest step", min)):
+        lines.append(f"| {what} | {f(times['on']):.3f} s | {f(times['off']):.3f} s |")
+    lines.append(f"off / on, per round: median {statistics.median(ratios):.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f}, "
+                 f"{len(ratios)} rounds)")
+    return "\n".join(lines)
+
+
 def count_operators(step, batch) -> int:
     """Computing operators of one step (`perf.count_operators`; run after the profiled steps:
     the count slows it)."""
@@ -180,11 +222,24 @@ def main() -> None:
                     help="also print the N operators of largest self time (with --clock: clocked time)")
     ap.add_argument("--clock", action="store_true",
                     help="CPU: time each operator with a clock instead of the profiler; GEMMs also timed warm")
+    ap.add_argument("--toggle", metavar="NAME",
+                    help="ours only: ops.NAME's kernel on and off step by step in turn, --steps rounds")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if args.clock and cuda:
         ap.error("--clock times operators on the host: CPU only (on CUDA the profiler's device times are exact)")
+    toggled = None
+    if args.toggle:
+        try:
+            toggled = importlib.import_module(f"olmoearth_fast.ops.{args.toggle}")
+        except ImportError:
+            toggled = None
+        if toggled is None or not hasattr(toggled, "kernel_available"):
+            ap.error(f"--toggle {args.toggle}: not an op module with a kernel (olmoearth_fast/ops/NAME.py with "
+                     "kernel_available)")
+        if not toggled.kernel_available():
+            ap.error(f"--toggle {args.toggle}: its kernel is not available on this machine: nothing to toggle")
     with tempfile.TemporaryDirectory() as tmp:
         root = ensure_demo_dataset(f"{tmp}/demo", num_samples=max(2 * args.batch, 32))
         cfg = apply_overrides(experiments.get("exp14"), [
@@ -200,6 +255,14 @@ def main() -> None:
         ours_model = build_model(cfg, torch.device("cpu"))
         import_reference_state_dict(ours_model, init.state_dict())
         trainer = Trainer(cfg, loader, ours_model.to(device), device, f"{tmp}/run", log=lambda *a: None)
+        if toggled is not None:
+            planned = [loader.make_batch(1, i) for i in range(2)]
+            times = toggle_steps(trainer.train_step, planned, args.steps, toggled)
+            print(f"exp14 {args.size}, B={args.batch}, p={args.patch_size}, hw_p={args.hw_p}, {device}, "
+                  f"{torch.get_num_threads()} threads: ours with ops.{args.toggle}'s kernel on and off, step by step "
+                  f"in turn; seconds per step")
+            print(toggle_report(times))
+            return
         ref_model = reference_model(cfg, "best", device.type)
         copy_weights(ref_model, init)
         ref = ReferenceStep(ref_model, cfg, "best", device)

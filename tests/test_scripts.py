@@ -222,3 +222,45 @@ def test_compare_loss_curves_self_runs(tmp_path):
     assert len(result["ours"]) == len(result["ref"]) == 4
     assert all(3.0 < x < 6.0 for x in result["ours"] + result["ref"])  # the demo recipe starts near 4.3
     assert result["verdict"]["windows"] == 4 and result["verdict"]["text"] in proc.stdout
+
+
+def test_profile_step_toggle_end_to_end(tmp_path):
+    """`profile_step.py --toggle NAME`: ours only, the kernel on and off in turn, the table and
+    the per-round ratio; a module without a kernel is refused by name."""
+    pytest.importorskip("olmoearth_pretrain")
+    import subprocess
+    import sys
+
+    from olmoearth_fast.ops import residual_norm
+
+    script = os.path.join(ROOT, "scripts", "profile_step.py")
+    args = ["--size", "nano", "--batch", "2", "--steps", "2", "--toggle", "residual_norm"]
+    proc = subprocess.run([sys.executable, script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    if not residual_norm.kernel_available():
+        assert proc.returncode != 0 and "its kernel is not available on this machine" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ours with ops.residual_norm's kernel on and off" in proc.stdout
+    assert "| median step |" in proc.stdout and "off / on, per round: median" in proc.stdout
+    assert "(range " in proc.stdout and "2 rounds)" in proc.stdout
+    for name in ("no_such_op", "packing"):
+        proc = subprocess.run([sys.executable, script, "--toggle", name], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode != 0 and f"--toggle {name}: not an op module with a kernel" in proc.stderr
+
+
+def test_profile_step_toggle_patches_and_restores():
+    """`toggle_steps` runs the step with the kernel on and off in ABBA order and puts the
+    module's `kernel_available` back."""
+    pytest.importorskip("olmoearth_pretrain")
+    mod = _load("profile_step")
+    from olmoearth_fast.ops import residual_norm
+
+    original = residual_norm.kernel_available
+    seen = []
+    times = mod.toggle_steps(lambda b: seen.append(residual_norm.kernel_available()), [0, 1], 3, residual_norm)
+    assert residual_norm.kernel_available is original
+    k = original()
+    assert seen == [k, k, False, False] + [k, False, False, k, k, False]
+    assert len(times["on"]) == len(times["off"]) == 3
+    assert "off / on, per round: median" in mod.toggle_report(times)
