@@ -116,8 +116,8 @@ OEF_AVX512 inline void key_block(const float* const* a, const float* bt, int64_t
 // s[r][j] = Σ_c a_r[c] · bt[c][j] for NR rows a_r against the transposed [D][lp] matrix bt (lp a
 // multiple of 16, zero padded past the nk keys): keys 64 at a time where the NR × 4 accumulators
 // and the 4 key vectors fit the 32 vector registers (4 loads + NR broadcasts per 4·NR FMAs,
-// against 2 + NR per 2·NR 32 at a time: at tiny's shapes the backward's two passes ran 1.24× as
-// fast on one thread), else 32; then 32 and 16 for the rest. With kMax, also mx[r] = max over the
+// against 2 + NR per 2·NR 32 at a time: at tiny's shapes the op's forward and backward 2-9%
+// faster, old and new builds timed in alternating processes), else 32; then 32 and 16 for the rest. With kMax, also mx[r] = max over the
 // nk keys of s[r][·]: from the registers where the running maxima fit beside the accumulators,
 // else (6 rows, 64 keys) from s afterwards (a pass over NR·lp floats in L1).
 template <int D, int NR, bool kMax>

@@ -255,8 +255,13 @@ def main() -> None:
         ours_model = build_model(cfg, torch.device("cpu"))
         import_reference_state_dict(ours_model, init.state_dict())
         trainer = Trainer(cfg, loader, ours_model.to(device), device, f"{tmp}/run", log=lambda *a: None)
+        # ours on the same batches with the microbatch plans its loader now makes (in training,
+        # in the loader's workers), as benchmarks/bench_train_step.py times it; on a GPU every
+        # provider's batches page-locked, as a pin_memory DataLoader hands them over
+        planned = [loader.make_batch(1, i) for i in range(2)]
+        if cuda:
+            batches, planned = [b.pin_memory() for b in batches], [b.pin_memory() for b in planned]
         if toggled is not None:
-            planned = [loader.make_batch(1, i) for i in range(2)]
             times = toggle_steps(trainer.train_step, planned, args.steps, toggled)
             print(f"exp14 {args.size}, B={args.batch}, p={args.patch_size}, hw_p={args.hw_p}, {device}, "
                   f"{torch.get_num_threads()} threads: ours with ops.{args.toggle}'s kernel on and off, step by step "
@@ -266,12 +271,6 @@ def main() -> None:
         ref_model = reference_model(cfg, "best", device.type)
         copy_weights(ref_model, init)
         ref = ReferenceStep(ref_model, cfg, "best", device)
-        # ours on the same batches with the microbatch plans its loader now makes (in training,
-        # in the loader's workers), as benchmarks/bench_train_step.py times it; on a GPU every
-        # provider's batches page-locked, as a pin_memory DataLoader hands them over
-        planned = [loader.make_batch(1, i) for i in range(2)]
-        if cuda:
-            batches, planned = [b.pin_memory() for b in batches], [b.pin_memory() for b in planned]
         results, operators, clocks, plains = {}, {}, {}, {}
         for name, step, inputs in (("ours", trainer.train_step, planned), ("ref_best", ref, batches)):
             if args.clock:

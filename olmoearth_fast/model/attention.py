@@ -268,11 +268,10 @@ class Block(nn.Module):
         out = branch(h, seg if rows is None else drop.seg)
         if drop is not None and drop.factor is not None:
             return Stream(st.x, out, rows, drop.factor)
-        if drop is not None:
-            return Stream(st.x + drop_path(out, seg, drop.rate, True, drop.keep))
-        if self.drop_path == 0.0 or not self.training:
+        rate, keep = (self.drop_path, None) if drop is None else (drop.rate, drop.keep)
+        if rate == 0.0 or not self.training:
             return Stream(st.x, out)
-        return Stream(st.x + drop_path(out, seg, self.drop_path, True))
+        return Stream(st.x + drop_path(out, seg, rate, True, keep))
 
 
 def run_blocks(blocks, x: Tensor, seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None,

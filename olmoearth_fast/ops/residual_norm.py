@@ -13,9 +13,10 @@ A pre-norm block's LayerNorm always reads the stream right after a branch was ad
 blocks carry the stream with its last branch not yet added (`model.attention.Stream`) and each
 LayerNorm adds it: `residual_norm`. On CPU in fp32 (eager, AVX-512F) that is the C++ op
 (``torch.ops.olmoearth_fast.residual_norm_fwd`` / ``_bwd``): one pass over the rows each way
-instead of about ten separate ones. Elsewhere (CUDA, where `torch.compile` fuses it; autocast,
-other dtypes, ``OLMOEARTH_FAST_KERNELS=pytorch``) `residual_norm_ref`: the PyTorch ops, with the
-factor rounded in the branch's dtype (bf16 under autocast) as `model.attention.drop_path` does.
+instead of about ten separate ones. Elsewhere (CUDA, compiled blocks, whose graphs fuse them;
+autocast, other dtypes, ``OLMOEARTH_FAST_KERNELS=pytorch``) `residual_norm_ref`: the PyTorch ops,
+with the factor rounded in the branch's dtype (bf16 under autocast) as `model.attention.drop_path`
+does.
 """
 
 from __future__ import annotations
