@@ -143,7 +143,7 @@ def test_host_drawn_drop_path_skips_in_compiled_blocks():
 def test_host_drawn_drop_path_under_autocast():
     """Under bf16 autocast (the GPU recipe; CPU autocast here) the branch outputs are bf16 and the
     residual stream fp32: the skipping path adds them back in the residual's dtype, with the
-    factor rounded in the branch's dtype as the in-forward DropPath rounds it."""
+    factor's product rounded once in the branch's dtype as the in-forward DropPath rounds it."""
     from olmoearth_fast.model.attention import Block
     from olmoearth_fast.model.plan import BranchDrop
 

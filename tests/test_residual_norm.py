@@ -89,6 +89,37 @@ def test_keep_factor_is_pytorchs_fp32_division():
         assert keep_factor(rate) == (torch.ones((), dtype=torch.float32) / (1.0 - rate)).item()
 
 
+def test_bf16_branch_factor_rounds_once_as_the_reference_on_cuda():
+    """Under bf16 autocast (the GPU recipe) a kept branch's ``r·(1/(1 − rate))`` is computed in
+    fp32 and rounded to bf16 once: the reference's ``r.div(1 − rate)`` on CUDA, which multiplies
+    by the fp32 reciprocal. A factor rounded to bf16 first (1/0.9 → 1.109375) gives other bits."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 64, generator=g)
+    r = torch.randn(4096, 64, generator=g).bfloat16()
+    f = keep_factor(0.1)
+    want = x + (r.float() * f).bfloat16().float()
+    assert torch.equal(rn.residual_add(x, r, None, f), want)
+    rows = torch.arange(0, 4096, 2)
+    assert torch.equal(rn.residual_add(x, r[rows], rows, f), x.index_add(0, rows, (r[rows].float() * f).bfloat16()
+                                                                         .float()))
+    assert not torch.equal(x + r * torch.tensor(f).bfloat16(), want)  # the factor in bf16 first: other bits
+
+
+def test_drop_path_is_the_references_ops_in_bf16():
+    """The per-sample DropPath (no host factor) is the reference's ``x.div(1 − rate) · keep``,
+    also in bf16, where its CPU kernel divides in fp32 and rounds once."""
+    from olmoearth_fast.model.attention import drop_path
+
+    g = torch.Generator().manual_seed(1)
+    seg = Segments.from_cu_seqlens(torch.tensor([0, 700, 1500, 3000]), 3000, 1500)
+    keep = torch.tensor([True, False, True])
+    x = torch.randn(3000, 32, generator=g).bfloat16()
+    got = drop_path(x, seg, 0.1, True, keep)
+    want = torch.cat([(x[:700].float() / np.float32(0.9)).bfloat16(), torch.zeros(800, 32, dtype=torch.bfloat16),
+                      (x[1500:].float() / np.float32(0.9)).bfloat16()])
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
 def test_which_path(monkeypatch):
     x, r, w, b = torch.randn(6, 8), torch.randn(6, 8), torch.ones(8), torch.zeros(8)
     assert rn.uses_kernel(x) == rn.kernel_available()

@@ -191,14 +191,15 @@ class Mlp(nn.Module):
 
 def drop_path(x: Tensor, seg: Segments, rate: float, training: bool, keep: Tensor | None = None) -> Tensor:
     """Per-sample stochastic depth on packed tokens: one Bernoulli(1−rate) per sample, drawn here
-    or given as ``keep [B]`` (bool, a host draw: `model.plan.BranchDrop`). The factors 0 and
-    1/(1−rate) are computed in x's dtype."""
+    or given as ``keep [B]`` (bool, a host draw: `model.plan.BranchDrop`). The reference's ops:
+    ``x.div(1 − rate)`` in x's dtype (under bf16 autocast computed in fp32 and rounded once:
+    PyTorch's CUDA kernel multiplies by the fp32 reciprocal, its CPU kernel divides), times the
+    0/1 keep of each row's sample."""
     if rate == 0.0 or not training:
         return x
     if keep is None:
         keep = torch.rand(seg.batch, device=x.device) < 1.0 - rate
-    sample_keep = keep.to(x.dtype) / (1.0 - rate)
-    return x * sample_keep[seg.sample_ids, None]
+    return x.div(1.0 - rate) * keep.to(x.dtype)[seg.sample_ids, None]
 
 
 @dataclass

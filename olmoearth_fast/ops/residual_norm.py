@@ -15,8 +15,8 @@ LayerNorm adds it: `residual_norm`. On CPU in fp32 (eager, AVX-512F) that is the
 (``torch.ops.olmoearth_fast.residual_norm_fwd`` / ``_bwd``): one pass over the rows each way
 instead of about ten separate ones. Elsewhere (CUDA, compiled blocks, whose graphs fuse them;
 autocast, other dtypes, ``OLMOEARTH_FAST_KERNELS=pytorch``) `residual_norm_ref`: the PyTorch ops,
-with the factor rounded in the branch's dtype (bf16 under autocast) as `model.attention.drop_path`
-does.
+the factor's product rounded once in the branch's dtype (bf16 under autocast), as the
+reference's DropPath rounds it on CUDA.
 """
 
 from __future__ import annotations
@@ -86,12 +86,14 @@ def residual_norm(x: Tensor, r: Tensor | None, weight: Tensor, bias: Tensor, eps
 
 
 def residual_add(x: Tensor, r: Tensor | None, r_rows: Tensor | None = None, alpha: float = 1.0) -> Tensor:
-    """``x + alpha·r`` (r at the rows ``r_rows``), in PyTorch ops: the factor rounded in r's
-    dtype, the sum in x's."""
+    """``x + alpha·r`` (r at the rows ``r_rows``), in PyTorch ops, the sum in x's dtype.
+    The product ``alpha·r`` in r's dtype, the factor a Python float: for a bf16 ``r`` PyTorch
+    multiplies in fp32 (its opmath) and rounds once, as the reference's ``r.div(1 − rate)`` does
+    on CUDA (a multiply by the fp32 reciprocal, which `model.plan.keep_factor` is)."""
     if r is None:
         return x
     if alpha != 1.0:
-        r = r * torch.full((), alpha, dtype=r.dtype, device=r.device)
+        r = r * alpha
     return x + r if r_rows is None else x.index_add(0, r_rows, r.to(x.dtype))
 
 
