@@ -1,17 +1,24 @@
 // The residual add and the pre-norm LayerNorm after it, on CPU: one pass over the rows forward,
 // one backward.
 //
-//   residual_norm_fwd(x[T,D], r[R,D], r_rows[R]?, alpha, weight[D], bias[D], y_rows[Ry]?, eps)
+//   residual_norm_fwd(x[T,D], r[R,D], r_bias[D]?, r_rows[R]?, alpha, weight[D], bias[D], y_rows[Ry]?, eps)
 //       -> (s[T,D], y[Ry,D], mean[Ry], rstd[Ry])
-//     s = x with alpha·r[j] added to row r_rows[j] (to every row, R = T, without r_rows),
-//     y[k] = LayerNorm(s[y_rows[k]]) (of every row, Ry = T, without y_rows);
-//   residual_norm_bwd(ds[T,D]?, dy[Ry,D], s, mean, rstd, weight, r_rows?, y_rows?, alpha, R)
-//       -> (dx[T,D], dr[R,D], dweight[D], dbias[D])
+//     s = x with alpha·(r[j] + r_bias) added to row r_rows[j] (to every row, R = T, without
+//     r_rows), y[k] = LayerNorm(s[y_rows[k]]) (of every row, Ry = T, without y_rows);
+//   residual_norm_bwd(ds[T,D]?, dy[Ry,D], s, mean, rstd, weight, r_rows?, y_rows?, alpha, R, with_r_bias)
+//       -> (dx[T,D], dr[R,D], dweight[D], dbias[D], dr_bias[D])
 //     dx = ds + the LayerNorm's input gradient at the rows y_rows, dr[j] = alpha·dx[r_rows[j]]
-//     (dr is dx, the same tensor, for a plain add: every row, alpha 1).
+//     (dr is dx, the same tensor, for a plain add: every row, alpha 1), dr_bias = Σ_j dr[j] (an
+//     empty tensor without with_r_bias).
 //
-// fp32, contiguous rows, any D. Row indices distinct, in [0, T). The add is r·alpha rounded, then
-// added (no FMA): the bits of PyTorch's `x + r * alpha` / `x.index_add(0, rows, r * alpha)`.
+// fp32, contiguous rows, any D. Row indices distinct, in [0, T). The add is r + r_bias rounded,
+// times alpha rounded, then added (no FMA): the bits of PyTorch's `x + (r + r_bias) * alpha` /
+// `x.index_add(0, rows, (r + r_bias) * alpha)`.
+//
+// r_bias is the bias of the Linear that made r (the attention's output projection, the MLP's
+// fc2): added here, its GEMM runs without one (MKL's beta = 0 kernel instead of a pass that
+// fills the output with the bias first), and its gradient is summed here from dr, in the pass
+// that writes dr, instead of in a column sum over dr afterwards.
 // mean and variance are two passes over the row (held in L1); rstd = 1/√(var + eps).
 //
 // Why: in a pre-norm transformer every LayerNorm but the first reads the residual stream right
@@ -40,17 +47,19 @@ constexpr int64_t kBlockRows = 32;  // rows per task, and per partial sum of the
 
 #ifdef OEF_X86
 
-// s = x (+ alpha·r); returns Σ s over the row
-OEF_AVX512 float add_row(const float* x, const float* r, float alpha, float* s, int64_t d) {
+// s = x (+ alpha·(r + rb)); returns Σ s over the row
+OEF_AVX512 float add_row(const float* x, const float* r, const float* rb, float alpha, float* s, int64_t d) {
   const __m512 a = _mm512_set1_ps(alpha);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t c = 0; c < d; c += 16) {
     const __mmask16 m = tail_mask(c, d);
     __m512 v = _mm512_maskz_loadu_ps(m, x + c);
-    // the product rounded before the add (an explicit rounding mode: never contracted into an FMA)
-    if (r != nullptr)
-      v = _mm512_add_ps(v, _mm512_mul_round_ps(_mm512_maskz_loadu_ps(m, r + c), a,
-                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (r != nullptr) {
+      __m512 t = _mm512_maskz_loadu_ps(m, r + c);
+      if (rb != nullptr) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, rb + c));
+      // the product rounded before the add (an explicit rounding mode: never contracted into an FMA)
+      v = _mm512_add_ps(v, _mm512_mul_round_ps(t, a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
     _mm512_mask_storeu_ps(s + c, m, v);
     sum = _mm512_add_ps(sum, v);
   }
@@ -80,9 +89,11 @@ OEF_AVX512 void norm_row(const float* s, float sum, const float* w, const float*
 }
 
 // g = ds (or 0) + the LayerNorm's input gradient of the row (if dy): rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)),
-// x̂ = (s − mean)·rstd, dx̂ = dy·w; dw += dy·x̂, db += dy. dx = g, dr = alpha·g (if dr).
+// x̂ = (s − mean)·rstd, dx̂ = dy·w; dw += dy·x̂, db += dy. dx = g; if r_row: dr = alpha·g (if dr),
+// prb += alpha·g (if prb).
 OEF_AVX512 void backward_row(const float* ds, const float* dy, const float* s, float mean, float rstd, const float* w,
-                             float* dx, float* dr, float alpha, float* pw, float* pb, int64_t d) {
+                             float* dx, bool r_row, float* dr, float alpha, float* pw, float* pb, float* prb,
+                             int64_t d) {
   const __m512 mv = _mm512_set1_ps(mean), rv = _mm512_set1_ps(rstd);
   __m512 c1 = _mm512_setzero_ps(), c2 = _mm512_setzero_ps();
   if (dy != nullptr) {
@@ -111,7 +122,11 @@ OEF_AVX512 void backward_row(const float* ds, const float* dy, const float* s, f
       g = _mm512_add_ps(g, _mm512_mul_ps(t, rv));
     }
     _mm512_mask_storeu_ps(dx + c, m, g);
-    if (dr != nullptr) _mm512_mask_storeu_ps(dr + c, m, _mm512_mul_ps(g, al));
+    if (r_row && (dr != nullptr || prb != nullptr)) {
+      const __m512 gr = _mm512_mul_ps(g, al);
+      if (dr != nullptr) _mm512_mask_storeu_ps(dr + c, m, gr);
+      if (prb != nullptr) _mm512_mask_storeu_ps(prb + c, m, _mm512_add_ps(gr, _mm512_maskz_loadu_ps(m, prb + c)));
+    }
   }
 }
 
@@ -149,23 +164,25 @@ std::vector<int64_t> position_of(const std::optional<at::Tensor>& rows, int64_t 
   return pos;
 }
 
-void check_norm(const at::Tensor& weight, int64_t d) {
+void check_norm(const at::Tensor& weight, int64_t d, const char* what = "the LayerNorm's weight and bias") {
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 1 &&
                   weight.size(0) == d && weight.is_contiguous(),
-              "residual_norm: the LayerNorm's weight and bias must be contiguous fp32 [", d, "], got ",
-              weight.scalar_type(), " ", weight.sizes());
+              "residual_norm: ", what, " must be contiguous fp32 [", d, "], got ", weight.scalar_type(), " ",
+              weight.sizes());
   TORCH_CHECK(available(), "residual_norm: this CPU has no AVX-512F (the op's Python wrapper falls back)");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm_fwd(
-    const at::Tensor& x, const at::Tensor& r, const std::optional<at::Tensor>& r_rows, double alpha,
-    const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& y_rows, double eps) {
+    const at::Tensor& x, const at::Tensor& r, const std::optional<at::Tensor>& r_bias,
+    const std::optional<at::Tensor>& r_rows, double alpha, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& y_rows, double eps) {
   TORCH_CHECK(x.dim() == 2, "residual_norm: x must be [T, D], got ", x.sizes());
   const int64_t total = x.size(0), d = x.size(1);
   check_rows(x, total, d, "x");
   check_rows(r, r.dim() == 2 ? r.size(0) : -1, d, "r");
   check_norm(weight, d);
   check_norm(bias, d);
+  if (r_bias) check_norm(*r_bias, d, "r_bias");
   const int64_t ny = y_rows ? y_rows->numel() : total;
   const std::vector<int64_t> r_pos = position_of(r_rows, total, r.size(0), "r_rows");
   const std::vector<int64_t> y_pos = position_of(y_rows, total, ny, "y_rows");
@@ -175,14 +192,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm_fwd(
   at::Tensor rstd = at::empty({ny}, x.options());
 #ifdef OEF_X86
   const float *xp = x.data_ptr<float>(), *rp = r.data_ptr<float>(), *wp = weight.data_ptr<float>(),
-              *bp = bias.data_ptr<float>();
+              *bp = bias.data_ptr<float>(), *rbp = r_bias ? r_bias->data_ptr<float>() : nullptr;
   float *sp = s.data_ptr<float>(), *yp = y.data_ptr<float>(), *mp = mean.data_ptr<float>(),
         *vp = rstd.data_ptr<float>();
   const float a = static_cast<float>(alpha), e = static_cast<float>(eps);
   at::parallel_for(0, total, kBlockRows, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j = r_pos[t], k = y_pos[t];
-      const float sum = add_row(xp + t * d, j >= 0 ? rp + j * d : nullptr, a, sp + t * d, d);
+      const float sum = add_row(xp + t * d, j >= 0 ? rp + j * d : nullptr, rbp, a, sp + t * d, d);
       if (k >= 0) norm_row(sp + t * d, sum, wp, bp, e, yp + k * d, mp + k, vp + k, d);
     }
   });
@@ -190,10 +207,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm_fwd(
   return {s, y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm_bwd(
     const std::optional<at::Tensor>& ds, const at::Tensor& dy, const at::Tensor& s, const at::Tensor& mean,
     const at::Tensor& rstd, const at::Tensor& weight, const std::optional<at::Tensor>& r_rows,
-    const std::optional<at::Tensor>& y_rows, double alpha, int64_t r_count) {
+    const std::optional<at::Tensor>& y_rows, double alpha, int64_t r_count, bool with_r_bias) {
   TORCH_CHECK(s.dim() == 2, "residual_norm: s must be [T, D], got ", s.sizes());
   const int64_t total = s.size(0), d = s.size(1);
   check_rows(s, total, d, "s");
@@ -212,9 +229,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm_bwd(
   at::Tensor dr = dr_is_dx ? dx : at::empty({r_count, d}, s.options());
   at::Tensor dw = at::zeros({d}, s.options());
   at::Tensor db = at::zeros({d}, s.options());
+  at::Tensor drb = with_r_bias ? at::zeros({d}, s.options()) : at::empty({0}, s.options());
 #ifdef OEF_X86
   const int64_t blocks = (total + kBlockRows - 1) / kBlockRows;
-  std::vector<float> partial(static_cast<size_t>(blocks * 2 * d), 0.0f);
+  const int64_t np = with_r_bias ? 3 : 2;  // partial sums per block: dweight, dbias (, dr_bias)
+  std::vector<float> partial(static_cast<size_t>(blocks * np * d), 0.0f);
   const float* dsp = ds ? ds->data_ptr<float>() : nullptr;
   const float *dyp = dy.data_ptr<float>(), *sp = s.data_ptr<float>(), *mp = mean.data_ptr<float>(),
               *vp = rstd.data_ptr<float>(), *wp = weight.data_ptr<float>();
@@ -222,24 +241,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm_bwd(
   const float a = static_cast<float>(alpha);
   at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t blk = k0; blk < k1; ++blk) {
-      float* pw = partial.data() + blk * 2 * d;
+      float* pw = partial.data() + blk * np * d;
       for (int64_t t = blk * kBlockRows; t < std::min(total, (blk + 1) * kBlockRows); ++t) {
         const int64_t j = r_pos[t], k = y_pos[t];
         backward_row(dsp != nullptr ? dsp + t * d : nullptr, k >= 0 ? dyp + k * d : nullptr, sp + t * d,
-                     k >= 0 ? mp[k] : 0.0f, k >= 0 ? vp[k] : 0.0f, wp, dxp + t * d,
-                     j >= 0 && !dr_is_dx ? drp + j * d : nullptr,
-                     a, pw, pw + d, d);
+                     k >= 0 ? mp[k] : 0.0f, k >= 0 ? vp[k] : 0.0f, wp, dxp + t * d, j >= 0,
+                     j >= 0 && !dr_is_dx ? drp + j * d : nullptr, a, pw, pw + d, with_r_bias ? pw + 2 * d : nullptr,
+                     d);
       }
     }
   });
   float *dwp = dw.data_ptr<float>(), *dbp = db.data_ptr<float>();
-  for (int64_t blk = 0; blk < blocks; ++blk)  // in block order: deterministic
+  float* drbp = with_r_bias ? drb.data_ptr<float>() : nullptr;
+  for (int64_t blk = 0; blk < blocks; ++blk) {  // in block order: deterministic
+    const float* pw = partial.data() + blk * np * d;
     for (int64_t c = 0; c < d; ++c) {
-      dwp[c] += partial[blk * 2 * d + c];
-      dbp[c] += partial[blk * 2 * d + d + c];
+      dwp[c] += pw[c];
+      dbp[c] += pw[d + c];
+      if (drbp != nullptr) drbp[c] += pw[2 * d + c];
     }
+  }
 #endif
-  return {dx, dr, dw, db};
+  return {dx, dr, dw, db, drb};
 }
 
 }  // namespace
@@ -247,10 +270,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_norm_bwd(
 
 TORCH_LIBRARY_FRAGMENT(olmoearth_fast, m) {
   m.def("residual_norm_available() -> bool", &olmoearth_fast::available);
-  m.def("residual_norm_fwd(Tensor x, Tensor r, Tensor? r_rows, float alpha, Tensor weight, Tensor bias, "
-        "Tensor? y_rows, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("residual_norm_fwd(Tensor x, Tensor r, Tensor? r_bias, Tensor? r_rows, float alpha, Tensor weight, "
+        "Tensor bias, Tensor? y_rows, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("residual_norm_bwd(Tensor? ds, Tensor dy, Tensor s, Tensor mean, Tensor rstd, Tensor weight, "
-        "Tensor? r_rows, Tensor? y_rows, float alpha, int r_count) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? r_rows, Tensor? y_rows, float alpha, int r_count, bool with_r_bias) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(olmoearth_fast, CPU, m) {

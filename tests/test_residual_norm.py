@@ -35,7 +35,8 @@ CASES = [  # (T, D, rows of r, rows of y, alpha)
 @needs_kernel
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("stream_used", [True, False])
-def test_values_and_gradients_equal_pytorch(case, stream_used):
+@pytest.mark.parametrize("with_r_bias", [False, True])
+def test_values_and_gradients_equal_pytorch(case, stream_used, with_r_bias):
     t, d, nr, ny, alpha = case
     g = torch.Generator().manual_seed(t + d)
     r_rows = None if nr is None else _rows(t, nr, g)
@@ -45,20 +46,23 @@ def test_values_and_gradients_equal_pytorch(case, stream_used):
     w = torch.randn(d, generator=g, requires_grad=True)
     b = torch.randn(d, generator=g, requires_grad=True)
     ds, dy = torch.randn(t, d, generator=g), torch.randn(t if ny is None else ny, d, generator=g)
+    rb = torch.randn(d, generator=g, requires_grad=True) if with_r_bias else None
     assert rn.uses_kernel(x)
     res = []
     for f in (rn.residual_norm, rn.residual_norm_ref):
-        s, y = f(x, r, w, b, 1e-5, r_rows, alpha, y_rows)
+        s, y = f(x, r, w, b, 1e-5, r_rows, alpha, y_rows, rb)
         outs, grads = ([s, y], [ds, dy]) if stream_used else ([y], [dy])
-        res.append((s, y, *torch.autograd.grad(outs, [x, r, w, b], grads)))
-    (s, y, dx, dr, dw, db), (s0, y0, dx0, dr0, dw0, db0) = res
-    assert torch.equal(s, s0)  # the product rounded, then added: the same bits
+        res.append((s, y, *torch.autograd.grad(outs, [x, r, w, b] + ([rb] if with_r_bias else []), grads)))
+    (s, y, dx, dr, dw, db, *drb), (s0, y0, dx0, dr0, dw0, db0, *drb0) = res
+    assert torch.equal(s, s0)  # the bias added, the product rounded, then added: the same bits
     torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, dx0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dr, dr0, rtol=1e-5, atol=1e-5)
     rows = y0.shape[0]  # column sums, summed in another order
     torch.testing.assert_close(dw, dw0, rtol=1e-5, atol=1e-6 * rows)
     torch.testing.assert_close(db, db0, rtol=1e-5, atol=1e-6 * rows)
+    if with_r_bias:  # the branch bias's gradient: the column sums of dr
+        torch.testing.assert_close(drb[0], drb0[0], rtol=1e-5, atol=1e-6 * dr0.shape[0])
     if alpha == 0.0:
         assert torch.equal(dr, torch.zeros_like(dr))
 
@@ -68,7 +72,7 @@ def test_weight_gradients_are_the_same_for_any_thread_count():
     g = torch.Generator().manual_seed(1)
     x, r = torch.randn(1000, 96, generator=g), torch.randn(600, 96, generator=g)
     rows, y_rows = _rows(1000, 600, g), _rows(1000, 700, g)
-    w, b = torch.randn(96, generator=g), torch.randn(96, generator=g)
+    w, b, rb = torch.randn(96, generator=g), torch.randn(96, generator=g), torch.randn(96, generator=g)
     ds, dy = torch.randn(1000, 96, generator=g), torch.randn(700, 96, generator=g)
     ops = torch.ops.olmoearth_fast
     before = torch.get_num_threads()
@@ -76,8 +80,8 @@ def test_weight_gradients_are_the_same_for_any_thread_count():
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            s, y, mean, rstd = ops.residual_norm_fwd(x, r, rows, 1.5, w, b, y_rows, 1e-5)
-            results.append((s, y, *ops.residual_norm_bwd(ds, dy, s, mean, rstd, w, rows, y_rows, 1.5, 600)))
+            s, y, mean, rstd = ops.residual_norm_fwd(x, r, rb, rows, 1.5, w, b, y_rows, 1e-5)
+            results.append((s, y, *ops.residual_norm_bwd(ds, dy, s, mean, rstd, w, rows, y_rows, 1.5, 600, True)))
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
@@ -145,6 +149,10 @@ def test_bad_shapes_are_named():
         rn.residual_norm(x, torch.randn(3, 8), w, b, 1e-5, r_rows=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match=r"weight \(7,\)"):
         rn.residual_norm(x, torch.randn(6, 8), torch.ones(7), b, 1e-5)
+    with pytest.raises(ValueError, match=r"r_bias \(9,\) do not fit"):
+        rn.residual_norm(x, torch.randn(6, 8), w, b, 1e-5, r_bias=torch.zeros(9))
+    with pytest.raises(ValueError, match=r"r None .*r_bias \(8,\) do not fit .*r_bias \[D\] with r"):
+        rn.residual_norm(x, None, w, b, 1e-5, r_bias=torch.zeros(8))
 
 
 @needs_kernel
@@ -199,3 +207,50 @@ def test_blocks_carrying_the_stream_equal_blocks_one_by_one(kernels, monkeypatch
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, c in zip(torch.autograd.grad(got, [x, ctx], grad), torch.autograd.grad(want, [x, ctx], grad)):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_branch_output_bias_added_by_the_next_norm(monkeypatch):
+    """On the C++ path the attention's output projection and fc2 run without their bias, which
+    the next `residual_norm` adds (and sums the gradient of): the blocks' values and every
+    gradient equal the PyTorch path's (each Linear with its bias), with host DropPath draws that
+    keep some samples, all, or none (a zero gradient for the dropped branch's bias, not None)."""
+    import olmoearth_fast.model.attention as attention
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(Block(32, 2, 2.0, drop_path=0.3) for _ in range(3)).train()
+    with torch.no_grad():
+        for p in blocks.parameters():
+            if p.dim() == 1:
+                p.normal_()  # biases and norms away from their zero / one init
+    norm = torch.nn.LayerNorm(32)
+    seg = _segments([5, 0, 7, 3, 4])
+    keeps = [[1, 0, 1, 0, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 1, 1, 0, 1], [1, 1, 0, 1, 1], [0, 0, 1, 0, 0]]
+    drops = [tuple(BranchDrop.from_keep(seg, torch.tensor(k, dtype=torch.bool), 0.3) for k in keeps[2 * i:2 * i + 2])
+             for i in range(3)]
+    x = torch.randn(19, 32, requires_grad=True)
+    grad = torch.randn(19, 32)
+    params = [x, *blocks.parameters(), *norm.parameters()]
+    out_weights = {id(b.attn.proj.weight) for b in blocks} | {id(b.mlp.fc2.weight) for b in blocks}
+    biased = []
+    linear = attention.linear
+
+    def recording(inp, weight, bias=None):
+        if id(weight) in out_weights:
+            biased.append(bias is not None)
+        return linear(inp, weight, bias)
+
+    monkeypatch.setattr(attention, "linear", recording)
+    results = []
+    for kernels in ("auto", "pytorch"):
+        monkeypatch.setenv("OLMOEARTH_FAST_KERNELS", kernels)
+        biased.clear()
+        out = run_blocks(blocks, x, seg, drops=drops, norm=norm)
+        results.append((out, torch.autograd.grad(out, params, grad)))
+        assert biased == [kernels == "pytorch"] * 6
+    (got, got_g), (want, want_g) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, c in zip(got_g, want_g):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    dropped = next(i for i, p in enumerate(params) if p is blocks[1].attn.proj.bias)  # block 1's attention: none keep it
+    assert torch.equal(got_g[dropped], torch.zeros(32))

@@ -36,6 +36,7 @@ from olmoearth_fast.ops.bias_gelu import bias_gelu, uses_kernel
 from olmoearth_fast.ops.linear import linear
 from olmoearth_fast.ops.packing import gather_rows
 from olmoearth_fast.ops.residual_norm import residual_add, residual_norm
+from olmoearth_fast.ops.residual_norm import uses_kernel as residual_norm_kernel
 from olmoearth_fast.ops.segment_attention import segment_attention, unpack_qkv
 
 try:  # torch >= 2.10
@@ -137,7 +138,10 @@ class Attention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, x_seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None) -> Tensor:
+    def forward(self, x: Tensor, x_seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None,
+                out_bias: bool = True) -> Tensor:
+        """``out_bias`` False: without the output projection's bias (its caller adds ``proj.bias``:
+        `Block._branch`)."""
         h = self.num_heads
         # One GEMM for the projections that read the same input (q, k, v for self-attention;
         # k, v of the context for cross-attention), the weights concatenated: wider GEMMs run
@@ -152,7 +156,7 @@ class Attention(nn.Module):
             kv = linear(y, torch.cat([self.k.weight, self.v.weight]), torch.cat([self.k.bias, self.v.bias]))
             q = linear(x, self.q.weight, self.q.bias)
             out = attend(q.unflatten(-1, (h, -1)), kv.unflatten(-1, (2, h, -1)), None, x_seg, y_seg)
-        return linear(out.flatten(-2), self.proj.weight, self.proj.bias)
+        return linear(out.flatten(-2), self.proj.weight, self.proj.bias if out_bias else None)
 
 
 @torch.compiler.disable
@@ -181,12 +185,13 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, out_bias: bool = True) -> Tensor:
+        """``out_bias`` False: without fc2's bias (its caller adds ``fc2.bias``: `Block._branch`)."""
         if uses_kernel(x):  # CPU fp32: fc1's bias added in the fused GELU pass (`ops.bias_gelu`)
             h = bias_gelu(linear(x, self.fc1.weight), self.fc1.bias)
         else:
             h = F.gelu(linear(x, self.fc1.weight, self.fc1.bias))
-        return linear(h, self.fc2.weight, self.fc2.bias)
+        return linear(h, self.fc2.weight, self.fc2.bias if out_bias else None)
 
 
 def drop_path(x: Tensor, seg: Segments, rate: float, training: bool, keep: Tensor | None = None) -> Tensor:
@@ -205,7 +210,8 @@ def drop_path(x: Tensor, seg: Segments, rate: float, training: bool, keep: Tenso
 @dataclass
 class Stream:
     """The residual stream between pre-norm blocks, its last branch not yet added:
-    ``x + alpha·r`` (r at the rows ``rows`` of x, every row if None; no branch if ``r`` is None).
+    ``x + alpha·(r + b)`` (r at the rows ``rows`` of x, every row if None; no branch if ``r`` is
+    None; ``b`` the bias of the Linear that made r where its GEMM left it out, else None).
 
     Every LayerNorm of a pre-norm block reads the stream right after a branch was added to it, so
     the add is left to that LayerNorm (`norm`: `ops.residual_norm`, one pass on CPU instead of
@@ -215,15 +221,16 @@ class Stream:
     r: Tensor | None = None
     rows: Tensor | None = None
     alpha: float = 1.0
+    b: Tensor | None = None
 
     def norm(self, ln: nn.LayerNorm, rows: Tensor | None = None) -> tuple[Stream, Tensor]:
         """(the stream with its branch added, ``ln`` of its rows ``rows`` (every row if None))."""
-        s, y = residual_norm(self.x, self.r, ln.weight, ln.bias, ln.eps, self.rows, self.alpha, rows)
+        s, y = residual_norm(self.x, self.r, ln.weight, ln.bias, ln.eps, self.rows, self.alpha, rows, self.b)
         return Stream(s), y
 
     def settle(self) -> Tensor:
         """The stream as one tensor, its branch added."""
-        return residual_add(self.x, self.r, self.rows, self.alpha)
+        return residual_add(self.x, self.r, self.rows, self.alpha, self.b)
 
 
 class Block(nn.Module):
@@ -249,10 +256,12 @@ class Block(nn.Module):
         host = drops is not None and self.training
         if host and y is not None:
             raise ValueError("Block: host-drawn DropPath is for self-attention blocks (no context y)")
-        st = self._branch(st, seg, self.norm1, lambda h, sg: self.attn(h, sg, y, y_seg), drops[0] if host else None)
-        return self._branch(st, seg, self.norm2, lambda h, sg: self.mlp(h), drops[1] if host else None)
+        st = self._branch(st, seg, self.norm1, lambda h, sg, b: self.attn(h, sg, y, y_seg, b), self.attn.proj,
+                          drops[0] if host else None)
+        return self._branch(st, seg, self.norm2, lambda h, sg, b: self.mlp(h, b), self.mlp.fc2,
+                            drops[1] if host else None)
 
-    def _branch(self, st: Stream, seg: Segments, norm: nn.LayerNorm, branch, drop) -> Stream:
+    def _branch(self, st: Stream, seg: Segments, norm: nn.LayerNorm, branch, last: nn.Linear, drop) -> Stream:
         """``st`` plus DropPath(branch(norm(st))), the sum left to the next LayerNorm.
 
         With a host draw ``drop`` (`model.plan.BranchDrop`) where some samples drop the branch,
@@ -263,16 +272,23 @@ class Block(nn.Module):
         on every row, times the factor (0 where none keeps it, so that its parameters still get a
         gradient, zero, as the reference's). A draw without a factor, or none: the per-sample
         `drop_path`.
+
+        ``branch(h, seg, out_bias)``; ``last`` its last Linear. Where the next LayerNorm adds the
+        branch and takes its C++ op (`ops.residual_norm`: CPU, fp32), that op adds ``last``'s bias
+        too, and the branch's last GEMM runs without it.
         """
         rows = None if drop is None else drop.rows
         st, h = st.norm(norm, rows)
-        out = branch(h, seg if rows is None else drop.seg)
-        if drop is not None and drop.factor is not None:
-            return Stream(st.x, out, rows, drop.factor)
         rate, keep = (self.drop_path, None) if drop is None else (drop.rate, drop.keep)
-        if rate == 0.0 or not self.training:
-            return Stream(st.x, out)
-        return Stream(st.x + drop_path(out, seg, rate, True, keep))
+        factor = drop.factor if drop is not None else None
+        if factor is None and rate != 0.0 and self.training:
+            out = branch(h, seg if rows is None else drop.seg, True)
+            return Stream(st.x + drop_path(out, seg, rate, True, keep))
+        fold = residual_norm_kernel(st.x) and last.bias is not None
+        out = branch(h, seg if rows is None else drop.seg, not fold)
+        if factor is None:
+            return Stream(st.x, out, b=last.bias if fold else None)
+        return Stream(st.x, out, rows, factor, last.bias if fold else None)
 
 
 def run_blocks(blocks, x: Tensor, seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None,
