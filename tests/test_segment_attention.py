@@ -37,6 +37,8 @@ CASES = [
     ([5, 0, 7, 13, 1, 6], [3, 9, 0, 40, 2, 17], 2, 64),  # around head dim 64's 6-row tiles, empty segments
     ([16, 32, 15, 17], [16, 32, 15, 17], 2, 32),  # around the 16-key tiles
     ([9, 2], [300, 1], 1, 128),
+    ([130, 33], [70, 45], 2, 32),  # the backward's chunks of query rows (128 at head dim 32), key blocks of 12
+    ([70, 5], [40, 77], 1, 128),  # chunks of 32 rows, key blocks of 3
 ]
 
 
