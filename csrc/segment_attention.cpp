@@ -20,9 +20,9 @@
 // the exponentials cost about as much as the products, each score takes one pass after Q·Kᵀ.
 // The backward takes a task's query rows in chunks (kChunk): the tiles write the chunk's P and
 // dS and its dQ, then dV += Pᵀ·dO and dK += dSᵀ·Q run over the chunk's rows with each block of
-// keys' accumulators in registers, written straight into dv / dk: 9-12% faster at the nano and
-// tiny shapes than rank-4/6 updates of [keys, D] accumulators in memory after every tile, which
-// then had to be zeroed and copied out.
+// keys' accumulators in registers, written straight into dv / dk: 7-13% faster at the nano and
+// tiny shapes (old and new builds in alternating processes) than rank-4/6 updates of [keys, D]
+// accumulators in memory after every tile, which then had to be zeroed and copied out.
 // Where the CPU lacks AVX-512F (or the build is not x86-64) `available()` is false and
 // olmoearth_fast/ops/segment_attention.py takes its reference path.
 
