@@ -171,14 +171,17 @@ def _segments(lengths):
     return seg
 
 
-@pytest.mark.parametrize("kernels", ["auto", "pytorch"])
-def test_blocks_carrying_the_stream_equal_blocks_one_by_one(kernels, monkeypatch):
-    """`run_blocks` (the residual add left to the next LayerNorm) gives what the blocks called
-    one after the other, then the final norm, give: values and every gradient, with host DropPath
-    draws that keep some samples, all of them, or none, and for cross-attention blocks."""
-    monkeypatch.setenv("OLMOEARTH_FAST_KERNELS", kernels)
+def _three_blocks(random_biases=False):
+    """Three blocks (DropPath 0.3) and a final norm in training, host draws per block and branch
+    that keep some of 5 samples (one of them empty), all, or none; an input, its gradient, the
+    parameters. ``random_biases``: biases and norms away from their zero / one init."""
     torch.manual_seed(0)
     blocks = torch.nn.ModuleList(Block(32, 2, 2.0, drop_path=0.3) for _ in range(3)).train()
+    if random_biases:
+        with torch.no_grad():
+            for p in blocks.parameters():
+                if p.dim() == 1:
+                    p.normal_()
     norm = torch.nn.LayerNorm(32)
     seg = _segments([5, 0, 7, 3, 4])
     keeps = [[1, 0, 1, 0, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 1, 1, 0, 1], [1, 1, 0, 1, 1], [0, 0, 1, 0, 0]]
@@ -186,7 +189,16 @@ def test_blocks_carrying_the_stream_equal_blocks_one_by_one(kernels, monkeypatch
              for i in range(3)]
     x = torch.randn(19, 32, requires_grad=True)
     grad = torch.randn(19, 32)
-    params = [x, *blocks.parameters(), *norm.parameters()]
+    return blocks, norm, seg, drops, x, grad, [x, *blocks.parameters(), *norm.parameters()]
+
+
+@pytest.mark.parametrize("kernels", ["auto", "pytorch"])
+def test_blocks_carrying_the_stream_equal_blocks_one_by_one(kernels, monkeypatch):
+    """`run_blocks` (the residual add left to the next LayerNorm) gives what the blocks called
+    one after the other, then the final norm, give: values and every gradient, with host DropPath
+    draws that keep some samples, all of them, or none, and for cross-attention blocks."""
+    monkeypatch.setenv("OLMOEARTH_FAST_KERNELS", kernels)
+    blocks, norm, seg, drops, x, grad, params = _three_blocks()
     got = run_blocks(blocks, x, seg, drops=drops, norm=norm)
     got_g = torch.autograd.grad(got, params, grad)
     want = x
@@ -217,20 +229,7 @@ def test_branch_output_bias_added_by_the_next_norm(monkeypatch):
     keep some samples, all, or none (a zero gradient for the dropped branch's bias, not None)."""
     import olmoearth_fast.model.attention as attention
 
-    torch.manual_seed(0)
-    blocks = torch.nn.ModuleList(Block(32, 2, 2.0, drop_path=0.3) for _ in range(3)).train()
-    with torch.no_grad():
-        for p in blocks.parameters():
-            if p.dim() == 1:
-                p.normal_()  # biases and norms away from their zero / one init
-    norm = torch.nn.LayerNorm(32)
-    seg = _segments([5, 0, 7, 3, 4])
-    keeps = [[1, 0, 1, 0, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 1, 1, 0, 1], [1, 1, 0, 1, 1], [0, 0, 1, 0, 0]]
-    drops = [tuple(BranchDrop.from_keep(seg, torch.tensor(k, dtype=torch.bool), 0.3) for k in keeps[2 * i:2 * i + 2])
-             for i in range(3)]
-    x = torch.randn(19, 32, requires_grad=True)
-    grad = torch.randn(19, 32)
-    params = [x, *blocks.parameters(), *norm.parameters()]
+    blocks, norm, seg, drops, x, grad, params = _three_blocks(random_biases=True)
     out_weights = {id(b.attn.proj.weight) for b in blocks} | {id(b.mlp.fc2.weight) for b in blocks}
     biased = []
     linear = attention.linear
