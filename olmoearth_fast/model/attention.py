@@ -140,8 +140,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, x_seg: Segments, y: Tensor | None = None, y_seg: Segments | None = None,
                 out_bias: bool = True) -> Tensor:
-        """``out_bias`` False: without the output projection's bias (its caller adds ``proj.bias``:
-        `Block._branch`)."""
+        """``out_bias`` False: without the output projection's bias (`Block._branch` leaves
+        ``proj.bias`` to the next `ops.residual_norm`)."""
         h = self.num_heads
         # One GEMM for the projections that read the same input (q, k, v for self-attention;
         # k, v of the context for cross-attention), the weights concatenated: wider GEMMs run
@@ -186,7 +186,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor, out_bias: bool = True) -> Tensor:
-        """``out_bias`` False: without fc2's bias (its caller adds ``fc2.bias``: `Block._branch`)."""
+        """``out_bias`` False: without fc2's bias (`Block._branch` leaves ``fc2.bias`` to the next
+        `ops.residual_norm`)."""
         if uses_kernel(x):  # CPU fp32: fc1's bias added in the fused GELU pass (`ops.bias_gelu`)
             h = bias_gelu(linear(x, self.fc1.weight), self.fc1.bias)
         else:
