@@ -13,13 +13,13 @@
 //
 // fp32, contiguous rows, any D. Row indices distinct, in [0, T). The add is r + r_bias rounded,
 // times alpha rounded, then added (no FMA): the bits of PyTorch's `x + (r + r_bias) * alpha` /
-// `x.index_add(0, rows, (r + r_bias) * alpha)`.
+// `x.index_add(0, rows, (r + r_bias) * alpha)`. mean and variance are two passes over the row
+// (held in L1); rstd = 1/√(var + eps).
 //
 // r_bias is the bias of the Linear that made r (the attention's output projection, the MLP's
 // fc2): added here, its GEMM runs without one (MKL's beta = 0 kernel instead of a pass that
 // fills the output with the bias first), and its gradient is summed here from dr, in the pass
 // that writes dr, instead of in a column sum over dr afterwards.
-// mean and variance are two passes over the row (held in L1); rstd = 1/√(var + eps).
 //
 // Why: in a pre-norm transformer every LayerNorm but the first reads the residual stream right
 // after a branch was added to it. As separate PyTorch ops (the residual add or the DropPath
@@ -89,11 +89,10 @@ OEF_AVX512 void norm_row(const float* s, float sum, const float* w, const float*
 }
 
 // g = ds (or 0) + the LayerNorm's input gradient of the row (if dy): rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)),
-// x̂ = (s − mean)·rstd, dx̂ = dy·w; dw += dy·x̂, db += dy. dx = g; if r_row: dr = alpha·g (if dr),
-// prb += alpha·g (if prb).
+// x̂ = (s − mean)·rstd, dx̂ = dy·w; dw += dy·x̂, db += dy. dx = g, dr = alpha·g (if dr), prb += alpha·g
+// (if prb: a row that r adds to).
 OEF_AVX512 void backward_row(const float* ds, const float* dy, const float* s, float mean, float rstd, const float* w,
-                             float* dx, bool r_row, float* dr, float alpha, float* pw, float* pb, float* prb,
-                             int64_t d) {
+                             float* dx, float* dr, float alpha, float* pw, float* pb, float* prb, int64_t d) {
   const __m512 mv = _mm512_set1_ps(mean), rv = _mm512_set1_ps(rstd);
   __m512 c1 = _mm512_setzero_ps(), c2 = _mm512_setzero_ps();
   if (dy != nullptr) {
@@ -122,7 +121,7 @@ OEF_AVX512 void backward_row(const float* ds, const float* dy, const float* s, f
       g = _mm512_add_ps(g, _mm512_mul_ps(t, rv));
     }
     _mm512_mask_storeu_ps(dx + c, m, g);
-    if (r_row && (dr != nullptr || prb != nullptr)) {
+    if (dr != nullptr || prb != nullptr) {
       const __m512 gr = _mm512_mul_ps(g, al);
       if (dr != nullptr) _mm512_mask_storeu_ps(dr + c, m, gr);
       if (prb != nullptr) _mm512_mask_storeu_ps(prb + c, m, _mm512_add_ps(gr, _mm512_maskz_loadu_ps(m, prb + c)));
@@ -245,9 +244,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
       for (int64_t t = blk * kBlockRows; t < std::min(total, (blk + 1) * kBlockRows); ++t) {
         const int64_t j = r_pos[t], k = y_pos[t];
         backward_row(dsp != nullptr ? dsp + t * d : nullptr, k >= 0 ? dyp + k * d : nullptr, sp + t * d,
-                     k >= 0 ? mp[k] : 0.0f, k >= 0 ? vp[k] : 0.0f, wp, dxp + t * d, j >= 0,
-                     j >= 0 && !dr_is_dx ? drp + j * d : nullptr, a, pw, pw + d, with_r_bias ? pw + 2 * d : nullptr,
-                     d);
+                     k >= 0 ? mp[k] : 0.0f, k >= 0 ? vp[k] : 0.0f, wp, dxp + t * d,
+                     j >= 0 && !dr_is_dx ? drp + j * d : nullptr, a, pw, pw + d,
+                     j >= 0 && with_r_bias ? pw + 2 * d : nullptr, d);
       }
     }
   });

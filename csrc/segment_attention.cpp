@@ -45,7 +45,7 @@ namespace {
 
 // Query rows per register tile. 4 at head dims 16, 32, 128 (8 at 16: no faster forward, slower
 // backward). 6 at 64 (tiny to large): the Q·Kᵀ step loads 2 key vectors + 6 broadcast rows per 12
-// FMAs instead of 2 + 4 per 8; 29 of the 32 vector registers in P·V and dK / dV; forward 2-4%,
+// FMAs instead of 2 + 4 per 8; 29 of the 32 vector registers in P·V and dQ (then also dK / dV); forward 2-4%,
 // backward 4-5% faster at tiny's shapes (3 heads, 16 segments of 90-470 tokens), same results.
 template <int D>
 constexpr int kRows = D == 64 ? 6 : 4;
@@ -122,9 +122,10 @@ OEF_AVX512 inline void key_block(const float* const* a, const float* bt, int64_t
 // multiple of 16, zero padded past the nk keys): keys 64 at a time where the NR × 4 accumulators
 // and the 4 key vectors fit the 32 vector registers (4 loads + NR broadcasts per 4·NR FMAs,
 // against 2 + NR per 2·NR 32 at a time: at tiny's shapes the op's forward and backward 2-9%
-// faster, old and new builds timed in alternating processes), else 32; then 32 and 16 for the rest. With kMax, also mx[r] = max over the
-// nk keys of s[r][·]: from the registers where the running maxima fit beside the accumulators,
-// else (6 rows, 64 keys) from s afterwards (a pass over NR·lp floats in L1).
+// faster, old and new builds timed in alternating processes), else 32; then 32 and 16 for the
+// rest. With kMax, also mx[r] = max over the nk keys of s[r][·]: from the registers where the
+// running maxima fit beside the accumulators, else (6 rows, 64 keys) from s afterwards (a pass
+// over NR·lp floats in L1).
 template <int D, int NR, bool kMax>
 OEF_AVX512 void rows_times_bt(const float* const* a, const float* bt, int64_t lp, int64_t nk, float* s, float* mx) {
   constexpr bool kWide = 4 * NR + 4 + 1 <= 32;

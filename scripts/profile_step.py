@@ -112,7 +112,6 @@ class _Clock(TorchDispatchMode):
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.gemms: list[tuple[float, float, float]] = []  # (FLOPs, seconds in the step, seconds warm)
-        self.repeats = 0.0  # seconds spent on the GEMMs' repeats (taken out of the clocked step)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -123,7 +122,6 @@ class _Clock(TorchDispatchMode):
         self.seconds[name] = self.seconds.get(name, 0.0) + dt
         self.calls[name] = self.calls.get(name, 0) + 1
         if self.repeat_gemms and name in self.GEMMS and isinstance(out, torch.Tensor) and out.dim() == 2:
-            t_repeats = time.perf_counter()
             a = args[0] if name == "aten::mm" else args[1]
             flops = 2.0 * out.shape[0] * out.shape[1] * a.shape[1]
             scratch = torch.empty_like(out)
@@ -132,7 +130,6 @@ class _Clock(TorchDispatchMode):
             t1 = time.perf_counter()
             overload(*args, **kwargs, out=scratch)
             self.gemms.append((flops, dt, time.perf_counter() - t1))
-            self.repeats += time.perf_counter() - t_repeats
         return out
 
 
@@ -152,11 +149,10 @@ def clock_steps(step, batches, steps: int) -> tuple[dict[str, float], float, flo
         for i in range(steps):
             step(batches[i % len(batches)])
     clocked = (time.perf_counter() - t0) / steps
-    repeats = _Clock()
-    with repeats:
+    with _Clock() as warm:
         for i in range(steps):
             step(batches[i % len(batches)])
-    clock.gemms, clock.repeats = repeats.gemms, repeats.repeats
+    clock.gemms = warm.gemms
     out: dict[str, float] = {}
     for name, t in clock.seconds.items():
         out[categorise(name)] = out.get(categorise(name), 0.0) + t / steps

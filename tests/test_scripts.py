@@ -145,7 +145,7 @@ def test_profile_step_categories():
 
 def test_profile_step_clock_times_operators_and_gemms():
     """`--clock`'s clock: every operator below autograd timed and sorted, each GEMM's FLOPs and
-    its warm repeats (which leave the step's values alone), the repeats' time kept apart."""
+    its warm repeats (which leave the step's values alone), in a pass of their own."""
     pytest.importorskip("olmoearth_pretrain")
     mod = _load("profile_step")
     g = torch.Generator().manual_seed(0)
@@ -175,7 +175,7 @@ def test_profile_step_clock_times_operators_and_gemms():
     flops = sorted({f for f, _, _ in clock.gemms})
     assert 2.0 * 96 * 32 * 48 in flops and 2.0 * 96 * 48 * 8 in flops
     assert len(clock.gemms) == 2 * 5 and not clock.repeat_gemms  # the operators timed without repeats
-    assert all(t > 0 and warm > 0 for _, t, warm in clock.gemms) and clock.repeats > 0
+    assert all(t > 0 and warm > 0 for _, t, warm in clock.gemms)
     assert per["matmul"] > 0 and "elementwise / norms" in per and plain > 0 and clocked > 0
     assert clock.calls["aten::mm"] + clock.calls["aten::addmm"] == 2 * 5
     text = mod.gemm_rates(clock, min_flops=0)
