@@ -45,8 +45,9 @@ namespace {
 
 // Query rows per register tile. 4 at head dims 16, 32, 128 (8 at 16: no faster forward, slower
 // backward). 6 at 64 (tiny to large): the Q·Kᵀ step loads 2 key vectors + 6 broadcast rows per 12
-// FMAs instead of 2 + 4 per 8; 29 of the 32 vector registers in P·V and dQ (then also dK / dV); forward 2-4%,
-// backward 4-5% faster at tiny's shapes (3 heads, 16 segments of 90-470 tokens), same results.
+// FMAs instead of 2 + 4 per 8; 29 of the 32 vector registers in P·V and dQ (then also dK / dV);
+// forward 2-4%, backward 4-5% faster at tiny's shapes (3 heads, 16 segments of 90-470 tokens),
+// same results.
 template <int D>
 constexpr int kRows = D == 64 ? 6 : 4;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
