@@ -222,6 +222,23 @@ def test_step_line_reports_flops_and_peak(dataset, tmp_path):
         assert h["tflops"] > 0 and 0 < h["peak_fraction"] < 1.5 and h["work_ratio"] > 1
 
 
+def test_step_trains_a_model_left_in_eval_mode(dataset, tmp_path):
+    """`train_step` skips `model.train()` when the model is already training (its walk over every
+    module is host time), and still switches back a model an evaluation left in eval mode: every
+    module trains again except the frozen target projection."""
+    tr = _trainer(_cfg("exp14", tmp_path, dataset, "trainer.max_steps=2"), tmp_path)
+    batch = tr.loader.make_batch(1, 0)
+    tr.model.eval()
+    tr.train_step(batch)
+    target = set(tr.model.target_patch_embeddings.modules())
+    assert all(m.training for m in tr.model.modules() if m not in target)
+    assert not any(m.training for m in target)
+    calls = []
+    tr.model.train = lambda mode=True: calls.append(mode)
+    tr.train_step(tr.loader.make_batch(1, 1))
+    assert calls == []
+
+
 # --------------------------------------------------------------------------------------------
 # Host synchronisations. On CUDA every read of a device value (`.item()`, `float()`, `bool()`,
 # `.tolist()`), every op whose output size depends on the data (`nonzero`, boolean indexing,
