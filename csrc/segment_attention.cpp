@@ -71,9 +71,10 @@ struct Out {
 
 #ifdef OEF_X86  // the AVX-512 kernels (compiled for any x86-64 host, run where the CPU has them)
 
-// Kᵀ (and Vᵀ) in key panels: the keys in blocks of 64, then one of 32 and one of 16 for the rest
-// (rows_times_bt's steps), each block [D][width] contiguous at float offset start·D. A tile's
-// Q·Kᵀ then streams one contiguous panel per block of keys instead of D rows at stride lp.
+// Kᵀ (and Vᵀ) in key panels: the keys in blocks of 64, then one of 32 and one of 16 for the rest,
+// each block [D][width] contiguous at float offset start·D. transpose_rows writes them and
+// rows_times_bt walks them, both through this function. A tile's Q·Kᵀ then streams one
+// contiguous panel per block of keys instead of D rows at stride lp.
 inline void key_panel(int64_t lp, int64_t j, int64_t& start, int64_t& width) {
   const int64_t full = lp / 64 * 64;
   if (j < full) {
@@ -139,26 +140,30 @@ OEF_AVX512 inline void key_block(const float* const* a, const float* bt, int64_t
     }
 }
 
-// s[r][j] = Σ_c a_r[c] · bt[c][j] for NR rows a_r against the transposed [D][lp] matrix bt (lp a
-// multiple of 16, zero padded past the nk keys): keys 64 at a time where the NR × 4 accumulators
-// and the 4 key vectors fit the 32 vector registers (4 loads + NR broadcasts per 4·NR FMAs,
-// against 2 + NR per 2·NR 32 at a time: at tiny's shapes the op's forward and backward 2-9%
-// faster, old and new builds timed in alternating processes), else 32; then 32 and 16 for the
-// rest. With kMax, also mx[r] = max over the nk keys of s[r][·]: from the registers where the
-// running maxima fit beside the accumulators, else (6 rows, 64 keys) from s afterwards (a pass
-// over NR·lp floats in L1).
+// s[r][j] = Σ_c a_r[c] · bt[c][j] for NR rows a_r against bt, a transpose in key panels
+// (transpose_rows; lp a multiple of 16, zero padded past the nk keys), panel by panel: 64 keys
+// at a time, the NR × 4 accumulators and the 4 key vectors in the 32 vector registers (4 loads
+// + NR broadcasts per 4·NR FMAs, against 2 + NR per 2·NR 32 at a time: at tiny's shapes the
+// op's forward and backward 2-9% faster, old and new builds timed in alternating processes);
+// then 32 and 16 for the rest. With kMax, also mx[r] = max over the nk keys of s[r][·]: from
+// the registers where the running maxima fit beside the accumulators, else (6 rows) from s
+// afterwards (a pass over NR·lp floats in L1).
 template <int D, int NR, bool kMax>
 OEF_AVX512 void rows_times_bt(const float* const* a, const float* bt, int64_t lp, int64_t nk, float* s, float* mx) {
-  constexpr bool kWide = 4 * NR + 4 + 1 <= 32;
-  static_assert(kWide, "Kᵀ's panels (key_panel) are blocks of 64 keys: at most 6 rows a tile");
-  constexpr bool kMaxInRegisters = kMax && (!kWide || 4 * NR + 4 + 1 + NR <= 32);
+  static_assert(4 * NR + 4 + 1 <= 32, "64-key panels: the accumulators of at most 6 rows a tile");
+  constexpr bool kMaxInRegisters = kMax && 4 * NR + 4 + 1 + NR <= 32;
   __m512 m[NR];
   for (int r = 0; r < NR; ++r) m[r] = _mm512_set1_ps(kNegInf);
-  int64_t j = 0;
-  if (kWide)
-    for (; j + 64 <= lp; j += 64) key_block<D, NR, 4, kMaxInRegisters>(a, bt, lp, nk, j, s, m);
-  for (; j + 32 <= lp; j += 32) key_block<D, NR, 2, kMaxInRegisters>(a, bt, lp, nk, j, s, m);
-  for (; j < lp; j += 16) key_block<D, NR, 1, kMaxInRegisters>(a, bt, lp, nk, j, s, m);
+  for (int64_t j = 0, start, width; j < lp; j += width) {
+    key_panel(lp, j, start, width);
+    if (width == 64) {
+      key_block<D, NR, 4, kMaxInRegisters>(a, bt, lp, nk, j, s, m);
+    } else if (width == 32) {
+      key_block<D, NR, 2, kMaxInRegisters>(a, bt, lp, nk, j, s, m);
+    } else {
+      key_block<D, NR, 1, kMaxInRegisters>(a, bt, lp, nk, j, s, m);
+    }
+  }
   if (kMax && !kMaxInRegisters)
     for (int r = 0; r < NR; ++r)
       for (int64_t k = 0; k < lp; k += 16)
@@ -246,7 +251,7 @@ struct TaskData {
   View q, k, v;
   int64_t h, q0, k0, nk, lp;
   float scale;  // softmax scale; probabilities are exp2(raw·scale·log2 e − ...): one FMA before exp2
-  const float* kt;  // Kᵀ [D][lp]
+  const float* kt;  // Kᵀ, D × lp in key panels (transpose_rows)
   float* s;  // scores, kRows<D> × lp
 };
 
@@ -306,7 +311,7 @@ struct BackwardData {
   const float* lse;
   int64_t lse_row;
   Out dq;
-  const float* vt;  // Vᵀ [D][lp]
+  const float* vt;  // Vᵀ, D × lp in key panels
   float* ds;  // a chunk's dS rows × scale (first its dP), kChunk<D> × lp; its P rows are TaskData::s
 };
 
